@@ -1,0 +1,1 @@
+"""Benchmarks: speed of the project code as ratios against straightforward reference ports."""

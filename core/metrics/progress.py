@@ -1,0 +1,166 @@
+"""Progress ground truth, cumulative-L2 progress predictions and OGPE.
+
+A `times` record lists contiguous, temporally ordered segments (`step`, inclusive `start_frame` /
+`end_frame`). Everything here turns it into per-frame segment ids with torch ops once per video, so
+no function loops over frames. Frames are clamped to the video as the release does, except that a
+segment starting beyond the last frame is dropped instead of collapsing onto it (the loader drops
+such segments too); frames no segment covers count as background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from core.data.video import is_background
+
+
+class _FrameSegments(NamedTuple):
+    """Per-frame view of a `times` record clipped to a video of T frames."""
+
+    seg_id: Tensor  # (T,) long, segment covering the frame (0 where uncovered)
+    offset: Tensor  # (T,) long, frame index inside its segment (0-based)
+    length: Tensor  # (T,) long, length of the frame's segment (1 where uncovered)
+    action: Tensor  # (T,) bool, frame lies in a non-background segment
+    finished: Tensor  # (T,) long, number of action segments that ended before the frame
+    starts: Tensor  # (S,) long
+    lengths: Tensor  # (S,) long
+    is_action: Tensor  # (S,) bool
+    labels: list[str]  # (S,)
+
+
+def _frame_segments(
+    times: Mapping[str, Any], T: int, device: torch.device | str | None = None
+) -> _FrameSegments:
+    starts = torch.as_tensor(times["start_frame"], dtype=torch.long, device=device).reshape(-1)
+    ends = torch.as_tensor(times["end_frame"], dtype=torch.long, device=device).reshape(-1)
+    labels = [str(s) for s in times["step"]]
+    keep = (starts <= T - 1) & (ends >= 0) & (ends >= starts)
+    if not bool(keep.all()):
+        labels = [lab for lab, k in zip(labels, keep.tolist(), strict=True) if k]
+        starts, ends = starts[keep], ends[keep]
+    starts, ends = starts.clamp(min=0), ends.clamp(max=T - 1)
+    if starts.numel() > 1 and not bool((starts[1:] > ends[:-1]).all()):
+        raise ValueError("times segments must be in temporal order and must not overlap")
+    lengths = ends - starts + 1
+    is_action = torch.tensor([not is_background(lab) for lab in labels], dtype=torch.bool, device=device)
+    frame = torch.arange(T, device=device)
+    if starts.numel() == 0:
+        zeros = torch.zeros(T, dtype=torch.long, device=device)
+        return _FrameSegments(
+            zeros, zeros, zeros + 1, zeros.bool(), zeros, starts, lengths, is_action, labels
+        )
+    seg_id = (torch.searchsorted(starts, frame, right=True) - 1).clamp(min=0)
+    covered = (frame >= starts[seg_id]) & (frame <= ends[seg_id])
+    action = covered & is_action[seg_id]
+    offset = torch.where(covered, frame - starts[seg_id], 0)
+    length = torch.where(covered, lengths[seg_id], 1)
+    # action ends are increasing, so "actions finished before t" is a sorted search
+    finished = torch.searchsorted(ends[is_action], frame, right=False)
+    return _FrameSegments(seg_id, offset, length, action, finished, starts, lengths, is_action, labels)
+
+
+def true_progress(
+    times: Mapping[str, Any],
+    T: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Video-level ground truth: each of the K actions advances progress by 1/K; background holds it."""
+    fs = _frame_segments(times, T, device)
+    K = int(fs.is_action.sum())
+    if K == 0:
+        return torch.zeros(T, dtype=dtype, device=device)
+    within = torch.where(fs.action, (fs.offset + 1).to(dtype) / fs.length.to(dtype), 0.0)
+    return (fs.finished.to(dtype) + within) / K  # (T,)
+
+
+def true_progress_per_action(
+    times: Mapping[str, Any],
+    T: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Action-level ground truth: 1/L, 2/L, ..., 1 inside each action of length L; background 0."""
+    fs = _frame_segments(times, T, device)
+    return torch.where(fs.action, (fs.offset + 1).to(dtype) / fs.length.to(dtype), 0.0)  # (T,)
+
+
+def cumulative_distance(embeddings: Tensor) -> Tensor:
+    """P[0] = 0, P[t] = P[t-1] + ||u_t - u_{t-1}||: the release's progress signal before normalising."""
+    steps = torch.linalg.vector_norm(embeddings[1:] - embeddings[:-1], dim=-1)  # (T-1,)
+    return torch.cat([steps.new_zeros(1), steps.cumsum(0)])  # (T,)
+
+
+def ogpe(pred: Tensor | Sequence[Tensor], gt: Tensor | Sequence[Tensor]) -> float:
+    """Online progress error: mean_t |gt_t - pred_t|; for lists, the mean over videos of that mean.
+
+    Averaging per video first (not over all frames) is the paper's definition: long videos must not
+    dominate the score.
+    """
+    if isinstance(pred, Tensor) or isinstance(gt, Tensor):
+        pred_t, gt_t = torch.as_tensor(pred), torch.as_tensor(gt)
+        if pred_t.shape != gt_t.shape or pred_t.numel() == 0:
+            raise ValueError(
+                f"ogpe needs equal, non-empty shapes, got {tuple(pred_t.shape)} and {tuple(gt_t.shape)}"
+            )
+        return float((gt_t.double() - pred_t.double()).abs().mean())
+    preds = [torch.as_tensor(p).reshape(-1).double() for p in pred]
+    gts = [torch.as_tensor(g).reshape(-1).double() for g in gt]
+    if not preds or len(preds) != len(gts):
+        raise ValueError("ogpe needs as many predictions as ground truths, at least one")
+    sizes = torch.tensor([p.numel() for p in preds])
+    if not torch.equal(sizes, torch.tensor([g.numel() for g in gts])) or bool((sizes == 0).any()):
+        raise ValueError("ogpe needs per-video predictions and ground truths of equal, non-zero length")
+    err = (torch.cat(gts) - torch.cat(preds)).abs()  # (sum T_i,)
+    video = torch.repeat_interleave(torch.arange(len(preds)), sizes)
+    per_video = torch.zeros(len(preds), dtype=err.dtype).index_add_(0, video, err) / sizes
+    return float(per_video.mean())
+
+
+def action_cumulative_progress(
+    embeddings: Tensor, times: Mapping[str, Any], normalisers: Mapping[str, float] | None = None
+) -> Tensor:
+    """Action-level cumulative-L2 progress: the cumulative distance restarting at each action start.
+
+    With `normalisers=None` (training) each action is divided by its own final distance, with the
+    seed's edge cases: background 0, a 1-frame action 0.5, zero final distance -> linspace(0, 1).
+    With `normalisers` (evaluation, online) action `a` is divided by `normalisers[a]`, the mean final
+    distance of that action over training videos, so frame t needs only frames <= t.
+    """
+    T = embeddings.shape[0]
+    fs = _frame_segments(times, T, embeddings.device)
+    S = fs.starts.numel()
+    if S == 0 or T == 0:
+        return embeddings.new_zeros(T)
+    steps = torch.linalg.vector_norm(embeddings[1:] - embeddings[:-1], dim=-1)  # (T-1,)
+    steps = torch.cat([steps.new_zeros(1), steps])  # (T,) distance to the previous frame
+    steps = torch.where(fs.offset == 0, 0.0, steps)  # restart at every segment start
+    # per-segment cumsum in a padded (S, L_max) table keeps the seed's summation order exactly
+    table = steps.new_zeros(S, int(fs.lengths.max())).index_put((fs.seg_id, fs.offset), steps)
+    cum_table = table.cumsum(1)  # (S, L_max)
+    cum = cum_table[fs.seg_id, fs.offset]  # (T,)
+    if normalisers is None:
+        final = cum_table[torch.arange(S, device=embeddings.device), fs.lengths - 1][fs.seg_id]  # (T,)
+        positive = final > 0
+        ramp = fs.offset.to(cum.dtype) / (fs.length - 1).clamp(min=1).to(cum.dtype)
+        pred = torch.where(positive, cum / torch.where(positive, final, 1.0), ramp)
+        pred = torch.where(fs.length == 1, 0.5, pred)
+    else:
+        missing = {lab for lab in fs.labels if not is_background(lab) and lab not in normalisers}
+        if missing:
+            raise KeyError(f"no normaliser for actions {sorted(missing)}")
+        norm = torch.tensor(
+            [float(normalisers[lab]) if not is_background(lab) else 1.0 for lab in fs.labels],
+            dtype=cum.dtype,
+            device=cum.device,
+        )  # (S,)
+        if bool((norm <= 0).any()):
+            raise ValueError("action normalisers must be positive")
+        pred = cum / norm[fs.seg_id]
+    return torch.where(fs.action, pred, 0.0)  # (T,)

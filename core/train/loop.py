@@ -1,0 +1,244 @@
+"""The one training loop every family shares.
+
+A family supplies a `Task` (model, batches, losses, per-epoch evaluation); the loop owns the rest:
+optimiser and schedule, zero_grad every step, gradient clipping, skipping non-finite or exploding
+batches, per-epoch validation, best/last checkpoints, exact resume and metric reporting. It knows
+nothing of launchers or sweeps: a reporter passed in may stop the run by raising `Pruned`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from core.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+
+
+class Pruned(Exception):
+    """Raised by a reporter to stop a run early (e.g. an Optuna pruner decided)."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (too many skipped batches, non-finite parameters); the message says why."""
+
+
+class Reporter(Protocol):
+    def report(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+class Task(Protocol):
+    """What a family plugs into the loop."""
+
+    model: torch.nn.Module
+
+    def train_batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]: ...
+
+    def val_batches(self) -> Iterable[Any]: ...
+
+    def losses(self, batch: Any, epoch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Scalar losses; `total_loss` is the one optimised."""
+        ...
+
+    def evaluate(self, split: str, epoch: int) -> dict[str, float]:
+        """Task metrics on a split (e.g. OGPE), keys without the split prefix."""
+        ...
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine
+    warmup_epochs: int = 0
+    grad_clip: float | None = 1.0
+    explode_threshold: float = 1e7
+    max_skipped_fraction: float = 0.5
+    eval_every: int = 1
+    seed: int = 0
+    progress_bar: bool | None = None  # None: only on a terminal
+    # checkpoint name -> validation metric whose minimum it keeps
+    best: dict[str, str] = field(default_factory=lambda: {"best": "val/total_loss"})
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best: dict[str, dict[str, float]]  # checkpoint name -> {"value", "epoch"}
+    status: str  # completed | pruned
+    skipped_batches: int
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"trainer.optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch multiplier: linear warmup then cosine to 0, or constant."""
+
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return (epoch + 1) / (cfg.warmup_epochs + 1)
+        if cfg.scheduler == "cosine":
+            span = max(cfg.epochs - cfg.warmup_epochs, 1)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        return 1.0
+
+    if cfg.scheduler not in ("none", "cosine"):
+        raise ValueError(f"trainer.scheduler must be 'none' or 'cosine', got {cfg.scheduler!r}")
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _mean_losses(rows: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {
+        f"{prefix}/{k}": sum(r[k] for r in rows if k in r) / max(sum(k in r for r in rows), 1) for k in keys
+    }
+
+
+def _progress(items: Iterable[Any], desc: str, enabled: bool) -> Iterator[Any]:
+    yield from tqdm(items, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+class Trainer:
+    """Runs `task` for `cfg.epochs` in `run_dir`, resuming from `checkpoints/last.pt` when present."""
+
+    def __init__(self, task: Task, cfg: TrainerConfig, run_dir: Path, reporter: Reporter | None = None):
+        self.task, self.cfg, self.run_dir, self.reporter = task, cfg, Path(run_dir), reporter
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.optimizer = _make_optimizer(task.model, cfg)
+        self.scheduler = _make_scheduler(self.optimizer, cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, dict[str, float]] = {}
+        self.skipped = 0
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------------ state
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.task.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "best": self.best,
+            "skipped": self.skipped,
+        }
+
+    def resume(self) -> bool:
+        """Restore everything from last.pt; the rest of the run then equals the uninterrupted one."""
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return False
+        state = load_checkpoint(path)
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history, self.best, self.skipped = state["history"], state["best"], state["skipped"]
+        self.start_epoch = state["epoch"] + 1
+        self._write_metrics()  # drop rows logged after the checkpoint by the interrupted run
+        return True
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+        )
+
+    # ------------------------------------------------------------------ epochs
+    def _train_epoch(self, epoch: int, show: bool) -> dict[str, float]:
+        model, opt = self.task.model, self.optimizer
+        model.train()
+        rows: list[dict[str, float]] = []
+        n_batches = skipped = 0
+        for batch in _progress(self.task.train_batches(epoch, self.generator), f"epoch {epoch}", show):
+            n_batches += 1
+            opt.zero_grad(set_to_none=True)
+            losses = self.task.losses(batch, epoch, self.generator)
+            total = losses["total_loss"]
+            if not torch.isfinite(total) or total.item() > self.cfg.explode_threshold:
+                skipped += 1
+                continue
+            total.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            rows.append({k: float(v.detach()) for k, v in losses.items()})
+        self.skipped += skipped
+        if n_batches and skipped / n_batches > self.cfg.max_skipped_fraction:
+            raise TrainingFailed(
+                f"epoch {epoch}: {skipped}/{n_batches} batches had a non-finite or exploding loss "
+                f"(> {self.cfg.explode_threshold:g}); more than trainer.max_skipped_fraction="
+                f"{self.cfg.max_skipped_fraction}"
+            )
+        out = _mean_losses(rows, "train")
+        out["train/skipped_batches"] = float(skipped)
+        return out
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict[str, float]:
+        self.task.model.eval()
+        # a fixed generator: validation losses of different epochs see the same samples
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        rows = [
+            {k: float(v) for k, v in self.task.losses(b, epoch, gen).items()} for b in self.task.val_batches()
+        ]
+        out = _mean_losses(rows, "val")
+        if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or epoch == self.cfg.epochs - 1:
+            out.update({f"val/{k}": v for k, v in self.task.evaluate("val", epoch).items()})
+        return out
+
+    def _save_best(self, epoch: int, metrics: dict[str, float]) -> None:
+        for name, key in self.cfg.best.items():
+            value = metrics.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            if name not in self.best or value < self.best[name]["value"]:
+                self.best[name] = {"value": value, "epoch": epoch}
+                save_checkpoint(
+                    self.ckpt_dir / f"best_model_{name}.pt",
+                    {"epoch": epoch, "model": self.task.model.state_dict()},
+                )
+
+    def fit(self) -> FitResult:
+        show = self.cfg.progress_bar if self.cfg.progress_bar is not None else sys.stderr.isatty()
+        status = "completed"
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            t0 = time.perf_counter()
+            metrics: dict[str, float] = {"epoch": float(epoch)}
+            metrics.update(self._train_epoch(epoch, show))
+            metrics.update(self._validate(epoch))
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            metrics["epoch_time_s"] = time.perf_counter() - t0
+            self.scheduler.step()
+            self._save_best(epoch, metrics)
+            self.history.append(metrics)
+            save_checkpoint(self.ckpt_dir / "last.pt", self._state(epoch))
+            self._write_metrics()
+            if self.reporter is not None:
+                try:
+                    self.reporter.report(epoch, metrics)
+                except Pruned:
+                    status = "pruned"
+                    break
+        return FitResult(self.history, self.best, status, self.skipped)

@@ -1,0 +1,152 @@
+"""One run, start to finish: the run directory of DESIGN.md, training, test evaluation, summary.
+
+Layout written here: config.yaml (resolved), splits.json, metrics.jsonl, summary.json,
+checkpoints/{best_model_combined,best_model_alignment,last}.pt, plots/, eval/<checkpoint>.json.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from core.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from core.train.loop import Reporter, Trainer, TrainerConfig
+from core.train.plots import plot_dual_losses, plot_progress_curves
+from core.train.progress import ProgressTask
+
+FAMILIES = {"progress": ProgressTask}
+CHECKPOINTS = {
+    "combined": "best_model_combined.pt",
+    "alignment": "best_model_alignment.pt",
+    "last": "last.pt",
+}
+_PACKAGES = ("ablate", "torch", "numpy", "hydra-core", "omegaconf", "optuna", "submitit", "wandb", "pandas")
+
+
+def environment() -> dict[str, Any]:
+    """Git commit and package versions, saved with every run so a number can be traced to its code."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "packages": versions,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def trainer_config(cfg: DictConfig, best: dict[str, str]) -> TrainerConfig:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t.pop("device", None)
+    t.pop("num_threads", None)
+    return TrainerConfig(**t, seed=cfg.seed, best=best)
+
+
+def build_task(cfg: DictConfig, run_dir: Path) -> ProgressTask:
+    if cfg.trainer.num_threads:
+        # small models on a shared CPU: extra intra-op threads cost far more than they give
+        torch.set_num_threads(cfg.trainer.num_threads)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    return FAMILIES[cfg.family](cfg, run_dir, pick_device(cfg.trainer.device))
+
+
+def evaluate_run(
+    run_dir: Path, checkpoint: str = "combined", task: ProgressTask | None = None
+) -> dict[str, float]:
+    """Val and test metrics of one checkpoint of a run, also written to eval/<checkpoint>.json."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    path = run_dir / "checkpoints" / CHECKPOINTS[checkpoint]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no '{checkpoint}' checkpoint in this run")
+    task = task or build_task(cfg, run_dir)
+    task.model.load_state_dict(load_checkpoint(path, task.device)["model"])
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        result = task.evaluator.evaluate(task.videos[split], curves=6 if split == "test" else 0)
+        metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
+    plot_progress_curves(
+        result.curves,
+        run_dir / "plots" / f"progress_{checkpoint}.png",
+        title=f"{cfg.experiment_name}: predicted vs true progress ({checkpoint})",
+    )
+    atomic_write_json(run_dir / "eval" / f"{checkpoint}.json", metrics)
+    return metrics
+
+
+def run_experiment(
+    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: ProgressTask | None = None
+) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir` and write its summary; returns the summary.
+
+    Pass a `task` already built by `build_task` to check data before anything else is set up."""
+    run_dir = Path(run_dir)
+    task = task or build_task(cfg, run_dir)  # loads and checks the data before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    task.save(run_dir)
+    summary: dict[str, Any] = {
+        "experiment": cfg.experiment_name,
+        "family": cfg.family,
+        "run_dir": str(run_dir),
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": environment(),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    t0 = time.perf_counter()
+    try:
+        trainer = Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir, reporter)
+        summary["resumed_from_epoch"] = trainer.start_epoch if trainer.resume() else None
+        result = trainer.fit()
+        plot_dual_losses(result.history, run_dir / "plots" / "dual_loss_comparison.png")
+        test = evaluate_run(run_dir, "combined", task) if result.history else {}
+    except BaseException as exc:
+        summary.update(
+            status="failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
+        summary["wall_time_s"] = time.perf_counter() - t0
+        atomic_write_json(run_dir / "summary.json", summary)
+        raise
+    final = result.history[-1] if result.history else {}
+    summary.update(
+        status=result.status,
+        epochs_run=len(result.history),
+        skipped_batches=result.skipped_batches,
+        final=final,
+        best={name: b for name, b in result.best.items()},
+        eval={"checkpoint": "combined", **test},
+        splits=task.describe(),
+        wall_time_s=time.perf_counter() - t0,
+    )
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

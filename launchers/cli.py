@@ -1,0 +1,140 @@
+"""The `ablate` command line. Exit codes: 0 ok, 1 a run failed, 2 bad usage/config/input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from launchers.config import ConfigError, compose_experiment
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: message printed, exit 2, nothing written."""
+
+
+def results_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("ABLATE_ROOT") or "runs")
+
+
+def new_run_dir(root: Path, experiment: str) -> Path:
+    """runs/<experiment>/<timestamp>-<random>: unique even for runs started in the same second."""
+    return root / experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _print_summary(summary: dict) -> None:
+    rows = {
+        **{f"best/{k}": v["value"] for k, v in summary.get("best", {}).items()},
+        **{k: v for k, v in summary.get("eval", {}).items() if k.startswith("test/")},
+    }
+    width = max(map(len, rows), default=0)
+    print(
+        f"\n{summary['experiment']}: {summary['status']} after {summary.get('epochs_run', 0)} epochs "
+        f"({summary.get('wall_time_s', 0):.1f} s)"
+    )
+    for k, v in rows.items():
+        print(f"  {k:<{width}}  {v:.4f}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from core.train.run import build_task, run_experiment  # torch import only when a run is asked for
+    from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
+
+    cfg = compose_experiment(args.experiment, args.overrides)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        saved = run_dir / "config.yaml"
+        if saved.exists() and OmegaConf.load(saved) != OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)):
+            raise UsageError(
+                f"{run_dir} holds a run with a different config; resume it with the same overrides"
+            )
+    else:
+        run_dir = new_run_dir(results_root(args.root), args.experiment)
+    task = build_task(cfg, run_dir)  # bad data fails here, before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporters = [ConsoleReporter(cfg.trainer.epochs)]
+    wandb_reporter = None
+    summary: dict = {}
+    try:
+        if cfg.logger.enabled:
+            wandb_reporter = WandbReporter(
+                cfg, run_dir, group=args.experiment, job_type=cfg.family, tags=list(cfg.logger.tags)
+            )
+            reporters.append(wandb_reporter)
+        print(f"run dir: {run_dir}", file=sys.stderr)
+        summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task)
+    finally:
+        if wandb_reporter is not None:
+            wandb_reporter.finish(
+                summary, exit_code=0 if summary.get("status") in ("completed", "pruned") else 1
+            )
+    _print_summary(summary)
+    print(run_dir)
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from core.train.run import CHECKPOINTS, evaluate_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
+    if not (run_dir / "checkpoints" / CHECKPOINTS[args.checkpoint]).exists():
+        raise UsageError(f"{run_dir}: no '{args.checkpoint}' checkpoint ({CHECKPOINTS[args.checkpoint]})")
+    metrics = evaluate_run(run_dir, args.checkpoint)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"wrote {run_dir / 'eval' / (args.checkpoint + '.json')}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ablate", description="Experiment orchestration and ablation for video-representation research."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one experiment inline and print its run dir")
+    r.add_argument("experiment", help="a name in experiments/experiment/")
+    r.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. trainer.epochs=5 loss/alignment=tcc debug=fast"
+    )
+    r.add_argument("--launcher", choices=["inline"], default="inline", help="where the run executes")
+    r.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    r.add_argument("--run-dir", help="an explicit run directory; resumes from its last.pt if present")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
+    e.add_argument("run_dir")
+    e.add_argument("--checkpoint", choices=["combined", "alignment", "last"], default="combined")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"ablate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a run that failed: its summary.json already records why
+        from core.data.features import DataError
+
+        if isinstance(exc, DataError):
+            print(f"ablate: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"ablate: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

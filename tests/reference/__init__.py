@@ -1,0 +1,1 @@
+"""Slow, obviously-correct loop implementations the fast code is tested (and benchmarked) against."""

@@ -1,0 +1,449 @@
+"""Progress ground truth, metrics, segment sampler, ProgressHead and both progress losses."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from core.losses.progress import cumulative_l2_progress_loss, learnable_progress_loss, sample_action_segments
+from core.metrics.progress import (
+    action_cumulative_progress,
+    cumulative_distance,
+    ogpe,
+    true_progress,
+    true_progress_per_action,
+)
+from core.models.progress_head import ProgressHead
+from tests.reference.progress import (
+    action_progress_normalised_loop,
+    cumulative_distance_loop,
+    cumulative_l2_loss_loop,
+    learnable_progress_loss_loop,
+    ogpe_loop,
+    seed_action_progress,
+    seed_head_forward,
+    true_progress_loop,
+    true_progress_per_action_loop,
+)
+
+# background at the start ('0'), in the middle ('SIL') and at the end ('background')
+TIMES = {
+    "step": ["0", "a", "SIL", "b", "background"],
+    "start_frame": [0, 2, 6, 8, 10],
+    "end_frame": [1, 5, 7, 9, 11],
+    "name": "hand",
+}
+HEAD_VARIANTS = [  # (use_gru, position_encoding, learnable_h0)
+    (True, False, False),
+    (True, True, False),
+    (True, False, True),
+    (True, True, True),
+    (False, False, False),
+    (False, True, False),
+]
+
+
+def random_times(rng: np.random.Generator, T: int, max_len: int = 12) -> dict:
+    """Contiguous segments covering 0..T-1 with a mix of background and action labels."""
+    cuts = [0]
+    while cuts[-1] < T:
+        cuts.append(min(T, cuts[-1] + int(rng.integers(1, max_len + 1))))
+    labels = [str(rng.choice(["SIL", "0", "background", "x", "y", "z"])) for _ in range(len(cuts) - 1)]
+    return {"step": labels, "start_frame": cuts[:-1], "end_frame": [c - 1 for c in cuts[1:]], "name": "r"}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def test_true_progress_hand_example() -> None:
+    expected = [0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(true_progress(TIMES, 12, dtype=torch.float64), torch.tensor(expected).double())
+    torch.testing.assert_close(true_progress_loop(TIMES, 12), torch.tensor(expected).double())
+
+
+def test_true_progress_per_action_hand_example() -> None:
+    expected = [0, 0, 0.25, 0.5, 0.75, 1.0, 0, 0, 0.5, 1.0, 0, 0]
+    got = true_progress_per_action(TIMES, 12, dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(expected).double())
+    torch.testing.assert_close(true_progress_per_action_loop(TIMES, 12), torch.tensor(expected).double())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ground_truth_matches_loop_on_random_annotations(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    T = int(rng.integers(1, 80))
+    times = random_times(rng, T)
+    torch.testing.assert_close(true_progress(times, T, dtype=torch.float64), true_progress_loop(times, T))
+    torch.testing.assert_close(
+        true_progress_per_action(times, T, dtype=torch.float64), true_progress_per_action_loop(times, T)
+    )
+
+
+def test_ground_truth_without_actions_is_zero() -> None:
+    times = {"step": ["SIL", "0"], "start_frame": [0, 3], "end_frame": [2, 5], "name": "bg"}
+    assert torch.equal(true_progress(times, 6), torch.zeros(6))
+    assert torch.equal(true_progress_per_action(times, 6), torch.zeros(6))
+
+
+def test_annotation_longer_than_video_is_clipped() -> None:
+    long = {
+        "step": ["a", "SIL", "b", "c"],
+        "start_frame": [0, 4, 6, 10],
+        "end_frame": [3, 5, 11, 13],
+        "name": "l",
+    }
+    clipped = {"step": ["a", "SIL", "b"], "start_frame": [0, 4, 6], "end_frame": [3, 5, 8], "name": "l"}
+    emb = torch.randn(9, 3, dtype=torch.float64)
+    torch.testing.assert_close(true_progress_per_action(long, 9), true_progress_per_action(clipped, 9))
+    torch.testing.assert_close(
+        action_cumulative_progress(emb, long), action_cumulative_progress(emb, clipped)
+    )
+
+
+def test_ogpe_hand_example() -> None:
+    pred, gt = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.25, 0.5, 0.5])
+    assert ogpe(pred, gt) == pytest.approx(0.25)
+    # per-video means first: (0.25 + 0.5) / 2, not the frame-weighted 0.35
+    preds, gts = [pred, torch.tensor([1.0, 1.0])], [gt, torch.tensor([0.0, 1.0])]
+    assert ogpe(preds, gts) == pytest.approx(0.375)
+    assert ogpe(preds, gts) == pytest.approx(ogpe_loop(preds, gts))
+    with pytest.raises(ValueError):
+        ogpe([pred], [torch.tensor([0.0, 1.0])])
+
+
+def test_cumulative_distance_matches_loop_values_and_gradients() -> None:
+    emb = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(30, dtype=torch.float64)
+    ours, ref = cumulative_distance(emb), cumulative_distance_loop(emb)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad((ours * weights).sum(), emb)[0]
+    g_ref = torch.autograd.grad((ref * weights).sum(), emb)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def edge_case_video() -> tuple[torch.Tensor, dict]:
+    """Background, a 1-frame action, a zero-distance action and ordinary actions."""
+    times = {
+        "step": ["SIL", "a", "b", "0", "c", "a", "background"],
+        "start_frame": [0, 3, 4, 9, 11, 16, 22],
+        "end_frame": [2, 3, 8, 10, 15, 21, 24],
+        "name": "edge",
+    }
+    emb = torch.randn(25, 4, dtype=torch.float64)
+    emb[11:16] = emb[11].clone()  # action 'c' never moves: zero final distance
+    return emb.requires_grad_(True), times
+
+
+def test_action_cumulative_progress_matches_seed_port() -> None:
+    emb, times = edge_case_video()
+    ours, ref = action_cumulative_progress(emb, times), seed_action_progress(emb, times)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ours[3] == 0.5 and torch.all(ours[:3] == 0) and torch.all(ours[22:] == 0)
+    torch.testing.assert_close(ours[11:16], torch.linspace(0, 1, 5, dtype=torch.float64))
+    weights = torch.randn(25, dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours * weights).sum(), emb)[0]
+    g_ref = torch.autograd.grad((ref * weights).sum(), emb)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_action_cumulative_progress_random_annotations(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    T = int(rng.integers(2, 90))
+    times = random_times(rng, T)
+    emb = torch.randn(T, 6, dtype=torch.float64, generator=gen(seed))
+    torch.testing.assert_close(
+        action_cumulative_progress(emb, times), seed_action_progress(emb, times), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_action_cumulative_progress_with_normalisers() -> None:
+    emb, times = edge_case_video()
+    norms = {"a": 1.7, "b": 3.2, "c": 0.4}
+    ours = action_cumulative_progress(emb, times, normalisers=norms)
+    ref = action_progress_normalised_loop(emb, times, norms)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ours[3] == 0  # a 1-frame action has travelled no distance yet
+    weights = torch.randn(25, dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours * weights).sum(), emb)[0]
+    g_ref = torch.autograd.grad((ref * weights).sum(), emb)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(KeyError):
+        action_cumulative_progress(emb, times, normalisers={"a": 1.0})
+
+
+# ---------------------------------------------------------------------------------------- sampler
+SAMPLER_TIMES = {
+    "step": ["SIL", "a", "b", "0", "c", "d", "background"],
+    "start_frame": [0, 3, 5, 9, 11, 16, 18],
+    "end_frame": [2, 4, 8, 10, 15, 17, 20],
+    "name": "s",
+}  # with min_segment_len=3 the valid actions are b (4 frames) and c (5 frames); a and d are too short
+
+
+def seed_outcomes(times: dict, m: int) -> dict[tuple[int, int, int, int], float]:
+    """Exact probability of every (action_start, seg_start, seg_end, target) under the seed's draws."""
+    valid = [
+        (s, e)
+        for lab, s, e in zip(times["step"], times["start_frame"], times["end_frame"], strict=True)
+        if lab not in ("SIL", "0", "background") and e - s + 1 >= m
+    ]
+    probs: dict[tuple[int, int, int, int], float] = {}
+    for s, e in valid:
+        max_start = max(s, e - m + 1)
+        for a in range(s, max_start + 1):
+            for b in range(a + m - 1, e + 1):
+                for t in range(a, b + 1):
+                    probs[(s, a, b, t)] = (
+                        1 / len(valid) / (max_start - s + 1) / (e - (a + m - 1) + 1) / (b - a + 1)
+                    )
+    return probs
+
+
+def test_sampler_obeys_seed_bounds_and_gt_formula() -> None:
+    emb = torch.randn(21, 3, dtype=torch.float64)
+    m = 3
+    s = sample_action_segments(emb, SAMPLER_TIMES, k=4000, min_segment_len=m, generator=gen(0))
+    assert s is not None and s.segments.shape[0] == 4000
+    assert set(s.actions) == {"b", "c"}
+    a_end = s.action_start + s.action_length - 1
+    max_start = torch.maximum(s.action_start, a_end - m + 1)
+    assert torch.all((s.action_start <= s.segment_start) & (s.segment_start <= max_start))
+    assert torch.all((s.segment_start + m - 1 <= s.segment_end) & (s.segment_end <= a_end))
+    assert torch.all((s.segment_start <= s.target_index) & (s.target_index <= s.segment_end))
+    assert torch.all(s.segment_end - s.segment_start + 1 >= m)
+    gt = ((s.target_index - s.action_start + 1) / s.action_length).clamp(0, 1)
+    torch.testing.assert_close(s.targets, gt.double())
+    torch.testing.assert_close(s.lengths, s.target_index - s.segment_start + 1)
+    for i in range(0, 4000, 97):
+        start, length = int(s.segment_start[i]), int(s.lengths[i])
+        torch.testing.assert_close(s.segments[i, :length], emb[start : start + length])
+        assert torch.all(s.segments[i, length:] == 0)
+
+
+def test_sampler_distribution_equals_seed() -> None:
+    probs = seed_outcomes(SAMPLER_TIMES, 3)
+    n = 200_000
+    s = sample_action_segments(torch.zeros(21, 1), SAMPLER_TIMES, k=n, min_segment_len=3, generator=gen(1))
+    rows = torch.stack([s.action_start, s.segment_start, s.segment_end, s.target_index], 1).tolist()
+    counts = Counter(map(tuple, rows))
+    assert set(counts) == set(probs)  # every valid action and every reachable outcome, nothing else
+    tv = 0.5 * sum(abs(counts[key] / n - p) for key, p in probs.items())
+    assert tv < 0.03
+
+
+def test_sampler_action_start_mode_and_min_length() -> None:
+    emb = torch.randn(21, 2)
+    s = sample_action_segments(
+        emb, SAMPLER_TIMES, k=500, min_segment_len=3, start="action_start", generator=gen(2)
+    )
+    assert torch.equal(s.segment_start, s.action_start)
+    # min_segment_len=5 leaves only 'c'; 6 leaves nothing
+    s5 = sample_action_segments(emb, SAMPLER_TIMES, k=200, min_segment_len=5, generator=gen(3))
+    assert set(s5.actions) == {"c"} and torch.all(s5.segment_start == 11) and torch.all(s5.segment_end == 15)
+    assert sample_action_segments(emb, SAMPLER_TIMES, k=4, min_segment_len=6, generator=gen(3)) is None
+    bg = {"step": ["SIL"], "start_frame": [0], "end_frame": [20], "name": "bg"}
+    assert sample_action_segments(emb, bg, k=4, generator=gen(3)) is None
+
+
+def test_sampler_is_reproducible_from_the_generator() -> None:
+    emb = torch.randn(21, 2)
+    a = sample_action_segments(emb, SAMPLER_TIMES, k=64, generator=gen(7))
+    b = sample_action_segments(emb, SAMPLER_TIMES, k=64, generator=gen(7))
+    c = sample_action_segments(emb, SAMPLER_TIMES, k=64, generator=gen(8))
+    assert a.actions == b.actions and torch.equal(a.segments, b.segments)
+    assert torch.equal(a.target_index, b.target_index) and torch.equal(a.segment_start, b.segment_start)
+    assert not torch.equal(a.target_index, c.target_index)
+
+
+def test_sampler_clamps_to_the_video() -> None:
+    times = {"step": ["a"], "start_frame": [0], "end_frame": [29], "name": "long"}  # video has 10 frames
+    s = sample_action_segments(torch.randn(10, 2), times, k=300, generator=gen(4))
+    assert torch.all(s.target_index <= 9) and torch.all(s.segment_start <= s.target_index)
+    torch.testing.assert_close(s.targets, ((s.target_index + 1) / 30).float())
+
+
+# ---------------------------------------------------------------------------------------- head
+def make_head(variant: tuple[bool, bool, bool], delta: bool = False, D: int = 6) -> ProgressHead:
+    use_gru, pos, h0 = variant
+    torch.manual_seed(0)
+    head = ProgressHead(
+        D, 8, use_gru=use_gru, position_encoding=pos, learnable_h0=h0, delta_output=delta
+    ).double()
+    if h0:
+        with torch.no_grad():
+            head.h0.normal_()  # a non-zero h0 so that using it (or not) shows
+    return head
+
+
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+def test_head_batched_forward_equals_per_segment(variant: tuple[bool, bool, bool]) -> None:
+    head = make_head(variant)
+    segs = [
+        torch.randn(n, 6, dtype=torch.float64, generator=gen(n), requires_grad=True) for n in (1, 7, 3, 12, 2)
+    ]
+    padded = torch.nn.utils.rnn.pad_sequence(segs, batch_first=True)
+    lengths = torch.tensor([s.shape[0] for s in segs])
+    batched = head(padded, lengths)
+    ref = torch.stack([seed_head_forward(head, s) for s in segs])
+    torch.testing.assert_close(batched, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head(segs), ref, rtol=1e-10, atol=1e-12)
+    assert torch.all((batched >= 0) & (batched <= 1))
+    weights = torch.randn(len(segs), dtype=torch.float64)
+    params = [p for p in head.parameters()]
+    g_batched = torch.autograd.grad((batched * weights).sum(), [*segs, *params])
+    g_ref = torch.autograd.grad((ref * weights).sum(), [*segs, *params])
+    for a, b in zip(g_batched, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+def test_head_gradients_reach_every_parameter_and_only_valid_frames(variant: tuple[bool, bool, bool]) -> None:
+    head = make_head(variant)
+    x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    head(x, torch.tensor([9, 4, 2])).sum().backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert torch.all(x.grad[1, 4:] == 0) and torch.all(x.grad[2, 2:] == 0)
+    assert x.grad[1, :4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+@pytest.mark.parametrize("delta", [False, True])
+def test_predict_online_equals_per_prefix_forward(variant: tuple[bool, bool, bool], delta: bool) -> None:
+    head = make_head(variant, delta)
+    action = torch.randn(23, 6, dtype=torch.float64)
+    with torch.no_grad():
+        per_prefix = torch.stack([seed_head_forward(head, action[: t + 1]) for t in range(23)])
+        expected = per_prefix.cumsum(0).clamp(0, 1) if delta else per_prefix
+        torch.testing.assert_close(head.predict_online(action), expected, rtol=1e-10, atol=1e-12)
+        # a tiny budget forces many chunks; the answer must not change
+        torch.testing.assert_close(
+            head.predict_online(action, max_chunk_frames=40), expected, rtol=1e-10, atol=1e-12
+        )
+
+
+def test_head_rejects_h0_without_gru() -> None:
+    with pytest.raises(ValueError):
+        ProgressHead(4, use_gru=False, learnable_h0=True)
+
+
+# ---------------------------------------------------------------------------------------- losses
+def loss_batch(seed: int) -> tuple[list[torch.Tensor], list[dict]]:
+    rng = np.random.default_rng(seed)
+    embeddings, times = [], []
+    for T in (40, 27, 55):
+        times.append(random_times(rng, T, max_len=15))
+        embeddings.append(torch.randn(T, 6, dtype=torch.float64, generator=gen(T + seed), requires_grad=True))
+    return embeddings, times
+
+
+LOSS_CASES = [
+    {"k": 1},
+    {"k": 5, "loss": "l2"},
+    {"k": 4, "inverse_weighting": True},
+    {"k": 4, "delta_targets": True},
+    {"k": 3, "start": "action_start", "min_segment_len": 2},
+    {"k": 6, "min_segment_len": 5, "loss": "l2", "inverse_weighting": True},
+]
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+@pytest.mark.parametrize("variant", [HEAD_VARIANTS[0], HEAD_VARIANTS[3], HEAD_VARIANTS[5]])
+def test_learnable_loss_matches_loop_reference(case: dict, variant: tuple[bool, bool, bool]) -> None:
+    head = make_head(variant, case.get("delta_targets", False))
+    embeddings, times = loss_batch(3)
+    params = list(head.parameters())
+    ours = learnable_progress_loss(head, embeddings, times, generator=gen(11), **case)
+    ref = learnable_progress_loss_loop(head, embeddings, times, generator=gen(11), **case)
+    assert ours.item() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    g_ours = torch.autograd.grad(ours, [*embeddings, *params], allow_unused=True, materialize_grads=True)
+    g_ref = torch.autograd.grad(ref, [*embeddings, *params], allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class ZeroHead:
+    """Predicts 0 everywhere, so the loss exposes its targets, weights and reduction."""
+
+    def __call__(self, segments: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return segments.sum((1, 2)) * 0.0
+
+
+def test_learnable_loss_targets_weights_and_reduction_by_hand() -> None:
+    # long actions fed from their start, so that some targets fall below fix E's 0.05 floor
+    times = [
+        {"step": ["SIL", "x", "SIL"], "start_frame": [0, 10, 110], "end_frame": [9, 109, 119], "name": "p"},
+        {"step": ["y", "z"], "start_frame": [0, 60], "end_frame": [59, 89], "name": "q"},
+        {"step": ["0"], "start_frame": [0], "end_frame": [29], "name": "r"},
+    ]
+    embeddings = [torch.randn(t["end_frame"][-1] + 1, 6, dtype=torch.float64) for t in times]
+    g = gen(21)
+    samples = [
+        sample_action_segments(e, t, k=16, start="action_start", generator=g)
+        for e, t in zip(embeddings, times, strict=True)
+    ]
+    assert samples[2] is None
+    kept = [(s.targets[s.lengths >= 2], s.action_length[s.lengths >= 2]) for s in samples[:2]]
+    assert all(gt.numel() > 0 for gt, _ in kept) and any(bool((gt < 0.05).any()) for gt, _ in kept)
+    plain = sum(float(gt.mean()) for gt, _ in kept)
+    weighted = sum(float((gt * (1 / gt.clamp(min=0.05)).clamp(max=20)).mean()) for gt, _ in kept)
+    delta = sum(float((1.0 / n.double()).mean()) for _, n in kept)
+    run = lambda **kw: learnable_progress_loss(  # noqa: E731
+        ZeroHead(), embeddings, times, k=16, start="action_start", generator=gen(21), **kw
+    )
+    assert run().item() == pytest.approx(plain, rel=1e-12)
+    assert run(inverse_weighting=True).item() == pytest.approx(weighted, rel=1e-12)
+    assert run(delta_targets=True).item() == pytest.approx(delta, rel=1e-12)
+
+
+def test_video_without_valid_action_contributes_nothing() -> None:
+    head = make_head(HEAD_VARIANTS[1])
+    embeddings, times = loss_batch(7)
+    empty = {"step": ["SIL", "a"], "start_frame": [0, 10], "end_frame": [9, 11], "name": "e"}  # 'a' too short
+    with_empty = learnable_progress_loss(
+        head, [*embeddings, torch.randn(12, 6, dtype=torch.float64)], [*times, empty], k=3, generator=gen(2)
+    )
+    without = learnable_progress_loss(head, embeddings, times, k=3, generator=gen(2))
+    torch.testing.assert_close(with_empty, without, rtol=0, atol=0)
+    emb = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    zero = learnable_progress_loss(head, [emb], [empty], k=3, generator=gen(2))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert torch.all(emb.grad == 0) and all(torch.all(p.grad == 0) for p in head.parameters())
+
+
+def test_learnable_loss_rejects_mismatched_delta_mode() -> None:
+    embeddings, times = loss_batch(1)
+    with pytest.raises(ValueError):
+        learnable_progress_loss(make_head(HEAD_VARIANTS[0]), embeddings, times, delta_targets=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cumulative_l2_loss_matches_seed_port(seed: int) -> None:
+    embeddings, times = loss_batch(seed)
+    times[1]["end_frame"][-1] -= 3  # annotation short of the video: the loss stretches the last segment
+    ours = cumulative_l2_progress_loss(embeddings, times, generator=gen(seed))
+    ref = cumulative_l2_loss_loop(embeddings, times, generator=gen(seed))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    if ref.requires_grad:
+        g_ours = torch.autograd.grad(ours, embeddings, allow_unused=True, materialize_grads=True)
+        g_ref = torch.autograd.grad(ref, embeddings, allow_unused=True, materialize_grads=True)
+        for a, b in zip(g_ours, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert times[1]["end_frame"][-1] == 23  # the caller's record is untouched
+
+
+def test_cumulative_l2_loss_skips_single_frame_video() -> None:
+    emb = torch.randn(1, 4, requires_grad=True)
+    times = {"step": ["a"], "start_frame": [0], "end_frame": [0], "name": "one"}
+    loss = cumulative_l2_progress_loss([emb], [times], generator=gen(0))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(emb.grad == 0)
