@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ablate run progress_learnable_ab debug=fast
+	$(BIN)/ablate run progress_learnable_ab debug=demo
 
 test: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

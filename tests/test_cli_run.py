@@ -101,3 +101,14 @@ def test_analysis_reads_the_run_back(finished_run):
     val = history[history.metric == "val/total_loss"].sort_values("epoch")["value"].tolist()
     rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert val == [r["val/total_loss"] for r in rows]
+
+
+def test_logged_metrics_names_exactly_what_the_run_logged(finished_run):
+    from core.train.progress import logged_metrics
+    from launchers.config import compose_experiment
+
+    cfg = compose_experiment("progress_learnable_ab", ["debug=fast"])
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((finished_run / "summary.json").read_text())
+    logged = set(rows[-1]) | {k for k in summary["eval"] if "/" in k}
+    assert logged == logged_metrics(cfg)

@@ -70,6 +70,25 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
+EVAL_METRICS = (
+    "ogpe",
+    "ogpe_action",
+    "ogpe_action_cum",
+    "ogpe_action_baseline_const",
+    "ogpe_action_baseline_ramp",
+)
+
+
+def logged_metrics(cfg: DictConfig) -> set[str]:
+    """Every metric name a run of `cfg` logs, so a sweep can reject an objective that never appears."""
+    losses = ["total_loss", "alignment_loss"]
+    if cfg.loss.progress.method != "none":
+        losses += ["progress_loss", "progress_lambda"]
+    names = {f"{split}/{k}" for split in ("train", "val") for k in losses}
+    names |= {f"{split}/{k}" for split in ("val", "test") for k in EVAL_METRICS}
+    return names | {"train/skipped_batches", "lr", "epoch", "epoch_time_s"}
+
+
 def load_videos(data_cfg: DictConfig) -> list[Video]:
     """The dataset named by the `data` config group."""
     if data_cfg.kind == "synthetic":
