@@ -95,6 +95,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _submit(study, sweep_dir: Path, workers: int, launcher: str, wait: bool) -> int:
+    """Submit workers for what is left (never more workers than waiting trials) and maybe wait."""
+    from launchers.sweeps.local import submit_local_workers
+    from launchers.sweeps.status import format_status
+
+    study.recover_stale()
+    waiting, running = study.remaining_work()
+    n = min(workers, waiting)
+    if n == 0:
+        print(f"nothing to submit: {waiting} waiting, {running} running", file=sys.stderr)
+    else:
+        jobs = submit_local_workers(sweep_dir, n)
+        print(f"submitted {n} {launcher} worker(s): {', '.join(j.job_id for j in jobs)}", file=sys.stderr)
+        print(f"logs: {sweep_dir / 'workers'}", file=sys.stderr)
+        if wait:
+            for job in jobs:
+                job.wait()
+    if wait or n == 0:
+        print(format_status(study))
+    else:
+        print(f"follow it with: ablate status {study.spec.name}", file=sys.stderr)
+    print(sweep_dir)
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launchers.sweeps.spec import load_sweep
+    from launchers.sweeps.study import SweepStudy
+
+    spec = load_sweep(args.sweep, args.overrides)
+    study = SweepStudy.create(spec, results_root(args.root))
+    return _submit(study, study.sweep_dir, args.workers or spec.workers, args.launcher, args.wait)
+
+
+def _open(args: argparse.Namespace):
+    from launchers.sweeps.study import SweepStudy
+
+    root = results_root(args.root)
+    if not (root / "sweeps" / args.sweep / "sweep.json").exists():
+        raise UsageError(
+            f"no sweep '{args.sweep}' under {root / 'sweeps'}; start it with: ablate sweep {args.sweep}"
+        )
+    return SweepStudy.open(args.sweep, root)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    study = _open(args)
+    return _submit(study, study.sweep_dir, args.workers or study.spec.workers, args.launcher, args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launchers.sweeps.status import format_status, status_json_lines
+
+    study = _open(args)
+    print(status_json_lines(study) if args.json else format_status(study))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ablate", description="Experiment orchestration and ablation for video-representation research."
@@ -111,6 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="an explicit run directory; resumes from its last.pt if present")
     r.set_defaults(func=cmd_run)
 
+    sw = sub.add_parser("sweep", help="create or continue a sweep and submit its workers")
+    sw.add_argument("sweep", help="a name in sweeps/ or a path to a sweep .yaml")
+    sw.add_argument("overrides", nargs="*", help="overrides of the sweep file, e.g. search.n_trials=8")
+    rs = sub.add_parser("resume", help="submit workers for what is left of a sweep")
+    rs.add_argument("sweep", help="the sweep's name")
+    for q in (sw, rs):
+        q.add_argument("--launcher", choices=["local"], default="local", help="where workers run")
+        q.add_argument("--workers", type=int, help="number of workers (default: the sweep file's)")
+        q.add_argument(
+            "--wait", action="store_true", help="block until the workers finish, then print status"
+        )
+        q.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    sw.set_defaults(func=cmd_sweep)
+    rs.set_defaults(func=cmd_resume)
+
+    st = sub.add_parser("status", help="trial counts, best so far, running trials and failures of a sweep")
+    st.add_argument("sweep")
+    st.add_argument("--json", action="store_true", help="one JSON object per trial")
+    st.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    st.set_defaults(func=cmd_status)
+
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")
     e.add_argument("--checkpoint", choices=["combined", "alignment", "last"], default="combined")
@@ -118,12 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sweep_error() -> type[Exception]:
+    from launchers.sweeps.spec import SweepError
+
+    return SweepError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, _sweep_error()) as exc:
         print(f"ablate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a run that failed: its summary.json already records why

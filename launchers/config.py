@@ -37,22 +37,22 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def _groups() -> list[str]:
+def config_groups() -> list[str]:
     root = config_dir()
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir() and any(p.glob("*.yaml")))
 
 
-def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k, v in cfg.items_ex(resolve=False):
         path = f"{prefix}{k}"
         keys.append(path)
         if isinstance(v, DictConfig):
-            keys.extend(_flat_keys(v, path + "."))
+            keys.extend(flat_keys(v, path + "."))
     return keys
 
 
-def _near(key: str, keys: list[str]) -> str:
+def keys_near(key: str, keys: list[str]) -> str:
     parent = key.rpartition(".")[0]
     siblings = [k for k in keys if k.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(key, keys, n=5, cutoff=0.6)
@@ -82,7 +82,7 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
-    groups = _groups()
+    groups = config_groups()
     value_overrides = []
     for ov in parsed:
         key = ov.get_key_element()
@@ -96,7 +96,7 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
         elif not key.startswith("+"):
             value_overrides.append(ov)
     base = _compose([f"experiment={name}", *[o.input_line for o in parsed if o not in value_overrides]])
-    keys = _flat_keys(base)
+    keys = flat_keys(base)
     for ov in value_overrides:
         key = ov.key_or_group
         if OmegaConf.select(base, key, default=_MISSING) is _MISSING:
@@ -107,7 +107,7 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
             )
             raise ConfigError(
                 f"'{ov.input_line}': no key '{key}' in experiment '{name}'. "
-                f"Valid keys near it: {_near(key, keys)}.{groups_hint}"
+                f"Valid keys near it: {keys_near(key, keys)}.{groups_hint}"
             )
     try:
         cfg = _compose([f"experiment={name}", *overrides])

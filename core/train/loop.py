@@ -77,6 +77,7 @@ class FitResult:
     best: dict[str, dict[str, float]]  # checkpoint name -> {"value", "epoch"}
     status: str  # completed | pruned
     skipped_batches: int
+    first_step_at: float | None
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
@@ -129,6 +130,7 @@ class Trainer:
         self.best: dict[str, dict[str, float]] = {}
         self.skipped = 0
         self.start_epoch = 0
+        self.first_step_at: float | None = None  # wall clock of this process's first optimiser step
 
     # ------------------------------------------------------------------ state
     def _state(self, epoch: int) -> dict[str, Any]:
@@ -183,6 +185,8 @@ class Trainer:
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
             opt.step()
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
             rows.append({k: float(v.detach()) for k, v in losses.items()})
         self.skipped += skipped
         if n_batches and skipped / n_batches > self.cfg.max_skipped_fraction:
@@ -241,4 +245,4 @@ class Trainer:
                 except Pruned:
                     status = "pruned"
                     break
-        return FitResult(self.history, self.best, status, self.skipped)
+        return FitResult(self.history, self.best, status, self.skipped, self.first_step_at)

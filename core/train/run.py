@@ -142,6 +142,7 @@ def run_experiment(
         status=result.status,
         epochs_run=len(result.history),
         skipped_batches=result.skipped_batches,
+        first_step_at=result.first_step_at,
         final=final,
         best={name: b for name, b in result.best.items()},
         eval={"checkpoint": "combined", **test},
