@@ -17,6 +17,15 @@ from torch import Tensor
 
 from core.data.video import is_background
 from core.metrics.progress import action_cumulative_progress, true_progress_per_action
+from core.models.progress_head import ProgressHead  # re-exported: the head is part of this API
+
+__all__ = [
+    "ProgressHead",
+    "SegmentSample",
+    "cumulative_l2_progress_loss",
+    "learnable_progress_loss",
+    "sample_action_segments",
+]
 
 # fix E: early frames (small gt) weigh more, capped so that a gt near 0 cannot blow the loss up
 _MIN_WEIGHT_GT = 0.05
