@@ -21,6 +21,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ablate sweep demo --workers 2 --wait
+	$(BIN)/ablate table demo
+	$(BIN)/ablate plot demo
 
 demo-run: $(STAMP)
 	$(BIN)/ablate run progress_learnable_ab debug=demo

@@ -1,7 +1,11 @@
 """`python -m benchmarks` (make bench): every benchmark, one after another."""
 
-from benchmarks import bench_gtcc, bench_progress
+from benchmarks import bench_gtcc, bench_progress, bench_sweep
 
 for bench in (bench_progress, bench_gtcc):
     print(f"\n== {bench.__name__} ==", flush=True)
     bench.main()
+print(
+    "\n== benchmarks.bench_sweep (quick; `python -m benchmarks.bench_sweep` for pruning too) ==", flush=True
+)
+bench_sweep.main(["--quick"])

@@ -95,10 +95,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _submit(study, sweep_dir: Path, workers: int, launcher: str, wait: bool) -> int:
-    """Submit workers for what is left (never more workers than waiting trials) and maybe wait."""
+def _submitter(launcher: str, spec):
+    """The function submitting workers for `launcher`; resources are checked before anything is created."""
+    if launcher == "slurm":
+        from launchers.sweeps.slurm import slurm_resources, submit_slurm_workers
+
+        try:
+            resources = slurm_resources(spec.launcher)
+        except ValueError as exc:
+            raise UsageError(f"{spec.path}: {exc}") from exc
+        return lambda sweep_dir, n: submit_slurm_workers(sweep_dir, n, resources)
     from launchers.sweeps.local import submit_local_workers
+
+    return submit_local_workers
+
+
+def _submit(study, args: argparse.Namespace) -> int:
+    """Submit workers for what is left (never more workers than waiting trials) and maybe wait."""
     from launchers.sweeps.status import format_status
+
+    launcher = args.launcher or study.spec.launcher.get("name", "local")
+    submit = _submitter(launcher, study.spec)
+    workers, wait, sweep_dir = args.workers or study.spec.workers, args.wait, study.sweep_dir
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
 
     study.recover_stale()
     waiting, running = study.remaining_work()
@@ -106,7 +126,7 @@ def _submit(study, sweep_dir: Path, workers: int, launcher: str, wait: bool) -> 
     if n == 0:
         print(f"nothing to submit: {waiting} waiting, {running} running", file=sys.stderr)
     else:
-        jobs = submit_local_workers(sweep_dir, n)
+        jobs = submit(sweep_dir, n)
         print(f"submitted {n} {launcher} worker(s): {', '.join(j.job_id for j in jobs)}", file=sys.stderr)
         print(f"logs: {sweep_dir / 'workers'}", file=sys.stderr)
         if wait:
@@ -125,8 +145,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from launchers.sweeps.study import SweepStudy
 
     spec = load_sweep(args.sweep, args.overrides)
-    study = SweepStudy.create(spec, results_root(args.root))
-    return _submit(study, study.sweep_dir, args.workers or spec.workers, args.launcher, args.wait)
+    _submitter(args.launcher or spec.launcher.get("name", "local"), spec)  # check resources first
+    return _submit(SweepStudy.create(spec, results_root(args.root)), args)
 
 
 def _open(args: argparse.Namespace):
@@ -141,8 +161,38 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    study = _open(args)
-    return _submit(study, study.sweep_dir, args.workers or study.spec.workers, args.launcher, args.wait)
+    return _submit(_open(args), args)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from analysis.commands import table_command
+
+    try:
+        text = table_command(
+            args.sweep,
+            results_root(args.root),
+            args.by,
+            args.metric,
+            {"md": "markdown"}.get(args.format, args.format),
+            args.baseline,
+            args.test,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(text)
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from analysis.commands import plot_command
+
+    try:
+        paths = plot_command(args.target, results_root(args.root))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    for path in paths:
+        print(path)
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -175,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="submit workers for what is left of a sweep")
     rs.add_argument("sweep", help="the sweep's name")
     for q in (sw, rs):
-        q.add_argument("--launcher", choices=["local"], default="local", help="where workers run")
+        q.add_argument(
+            "--launcher",
+            choices=["local", "slurm"],
+            help="where workers run (default: the sweep file's launcher.name)",
+        )
         q.add_argument("--workers", type=int, help="number of workers (default: the sweep file's)")
         q.add_argument(
             "--wait", action="store_true", help="block until the workers finish, then print status"
@@ -189,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="one JSON object per trial")
     st.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     st.set_defaults(func=cmd_status)
+
+    tb = sub.add_parser("table", help="a sweep's results aggregated over seeds, with CIs and paired tests")
+    tb.add_argument("sweep")
+    tb.add_argument("--by", nargs="+", help="axes to group by (default: all ablation axes)")
+    tb.add_argument("--metric", help="metric column (default: the sweep's objective, last epoch)")
+    tb.add_argument("--format", choices=["md", "markdown", "csv", "latex"], default="md")
+    tb.add_argument("--baseline", help="the row others are tested against (default: the first)")
+    tb.add_argument(
+        "--test", choices=["wilcoxon", "ttest"], default="wilcoxon", help="paired test over seeds"
+    )
+    tb.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    tb.set_defaults(func=cmd_table)
+
+    pl = sub.add_parser("plot", help="plots of a sweep or a run dir (PNG); prints their paths")
+    pl.add_argument("target", help="a sweep name or a run directory")
+    pl.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    pl.set_defaults(func=cmd_plot)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")

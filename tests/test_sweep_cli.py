@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,14 @@ def test_sweep_then_resume_twice_runs_every_point_once(tmp_path, results_root, c
     assert len(_status("tiny", capsys)) == 4
     logs = list((results_root / "sweeps" / "tiny" / "workers").glob("*_log.out"))
     assert logs, "per-worker log files"
+    capsys.readouterr()
+    assert main(["table", "tiny", "--format", "csv"]) == 0
+    csv = capsys.readouterr().out
+    assert "cumulative_l2" in csv and "learnable" in csv
+    assert main(["plot", "tiny"]) == 0
+    plots = capsys.readouterr().out.split()
+    assert plots and all(Path(p).is_file() for p in plots)
+    assert main(["table", "tiny", "--by", "no_such_axis"]) == 2
 
 
 def test_status_of_an_unknown_sweep_exits_2(results_root, capsys):

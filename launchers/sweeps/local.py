@@ -28,6 +28,17 @@ def submitted_jobs(sweep_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def record_jobs(
+    sweep_dir: Path, launcher: str, stamp: str, jobs: list[submitit.Job], names: list[str]
+) -> None:
+    """Append the submitted workers to jobs.json, so `ablate status` can show a trial's job id."""
+    records = submitted_jobs(sweep_dir) + [
+        {"job_id": j.job_id, "worker": name, "launcher": launcher, "submitted": stamp}
+        for j, name in zip(jobs, names, strict=True)
+    ]
+    atomic_write_json(jobs_file(sweep_dir), records)
+
+
 def submit_local_workers(sweep_dir: Path, n: int) -> list[submitit.Job]:
     """Start `n` workers draining the sweep in `sweep_dir`; their job ids are recorded in jobs.json."""
     sweep_dir = Path(sweep_dir)
@@ -36,9 +47,5 @@ def submit_local_workers(sweep_dir: Path, n: int) -> list[submitit.Job]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = [f"local-{stamp}-{i}" for i in range(n)]
     jobs = [executor.submit(run_worker, sweep_dir, name) for name in names]
-    records = submitted_jobs(sweep_dir) + [
-        {"job_id": j.job_id, "worker": name, "launcher": "local", "submitted": stamp}
-        for j, name in zip(jobs, names, strict=True)
-    ]
-    atomic_write_json(jobs_file(sweep_dir), records)
+    record_jobs(sweep_dir, "local", stamp, jobs, names)
     return jobs

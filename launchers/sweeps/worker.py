@@ -10,6 +10,7 @@ lingers, so that a trial whose worker died is recovered (after the lease timeout
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
+from submitit.core.utils import UncompletedJobError
 
 from core.train.loop import Pruned
 from core.train.run import run_experiment
@@ -143,7 +145,9 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
         except LeaseLost as exc:
             log(worker, f"trial {claim.number} abandoned: {exc}")
             return "LOST"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, UncompletedJobError):
+            # Ctrl-C, SIGTERM, or submitit's USR2 at a SLURM time limit / preemption: the trial goes
+            # back to the queue at once and its retry resumes from the last checkpoint
             study.requeue(claim, f"worker interrupted (worker {worker})")
             raise
         except Exception as exc:  # a bad config, a diverged run...: a real failure, not retried
@@ -165,6 +169,10 @@ def run_worker(sweep_dir: Path, worker: str) -> int:
     """Drain the sweep in `sweep_dir`; returns the number of trials this worker ran."""
     study = SweepStudy.open(Path(sweep_dir))
     torch.set_num_threads(1)
+    importlib.import_module(
+        "torch._dynamo"
+    )  # the first optimiser imports it: 1-3 s better spent before a claim
+
     ran = 0
     while True:
         for trial in study.recover_stale():
@@ -179,7 +187,7 @@ def run_worker(sweep_dir: Path, worker: str) -> int:
             log(worker, f"sweep {study.spec.name} has no work left; ran {ran} trial(s)")
             return ran
         # others still run trials: stay, to take over any whose worker dies (or lost a claim race)
-        time.sleep(study.spec.heartbeat_s if waiting == 0 else 0.1)
+        time.sleep(min(study.spec.heartbeat_s, 1.0) if waiting == 0 else 0.1)
 
 
 def _interrupt(signum: int, frame: object) -> None:
