@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from core.atomic import atomic_write_json
 from core.data.features import DataError
 from core.data.video import Video
 
@@ -116,22 +114,7 @@ def save_splits(splits: Splits, path: str | Path) -> None:
     payload = {
         task: {name: list(splits.get(name, {}).get(task, [])) for name in SPLIT_NAMES} for task in tasks
     }
-    write_json_atomic(payload, path)
-
-
-def write_json_atomic(payload: Any, path: Path) -> None:
-    """Write JSON to a temp file in the same folder, then `os.replace` it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, payload)
 
 
 def select(videos: Sequence[Video], splits: Splits, split: str) -> list[Video]:

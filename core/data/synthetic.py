@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.splits import Splits, make_splits, save_splits, write_json_atomic
+from core.atomic import atomic_write_json
+from core.data.splits import Splits, make_splits, save_splits
 from core.data.video import Video
 
 # Independent random streams per seed: task structure, per-video sampling, background mean. Keeping them
@@ -195,6 +196,6 @@ def write_feature_dataset(
         entry["hdl_actions"].append(list(video.times["step"]))
         entry["hdl_start_times"].append([int(s) for s in video.times["start_frame"]])
         entry["hdl_end_times"].append([int(e) + 1 for e in video.times["end_frame"]])
-    write_json_atomic(dataset, root / dataset_json)
+    atomic_write_json(root / dataset_json, dataset)
     save_splits(make_splits(videos, seed=split_seed) if splits is None else splits, root / "data_splits.json")
     return root

@@ -1,42 +1,22 @@
-"""Atomic writes and the checkpoint format shared by every family.
-
-Every file a run leaves is written to a temporary sibling and renamed into place, so a kill at any
-moment leaves either the old complete file or the new complete one, never a torn one.
-"""
+"""The checkpoint format shared by every family, written atomically (see core.atomic)."""
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from core.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from core.atomic import atomic_write_text
+from core.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 class Pruned(Exception):

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from core.atomic import atomic_write_json, atomic_write_text
+from core.train.checkpoint import load_checkpoint
 from core.train.loop import Reporter, Trainer, TrainerConfig
 from core.train.plots import plot_dual_losses, plot_progress_curves
 from core.train.progress import ProgressTask

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import submitit
 
-from core.train.checkpoint import atomic_write_json
+from core.atomic import atomic_write_json
 from launchers.sweeps.worker import run_worker
 
 WEEK_MIN = 7 * 24 * 60  # submitit's local default kills a job after 2 minutes

@@ -34,7 +34,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from core.train.checkpoint import atomic_write_json
+from core.atomic import atomic_write_json
 from launchers.sweeps.spec import ParamSpec, SweepError, SweepSpec, trial_key
 
 HEARTBEAT_ATTR = "ablate:heartbeat"  # trial system attr: time.time() of the last heartbeat
