@@ -82,16 +82,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from core.train.run import CHECKPOINTS, evaluate_run
+    from core.train.run import checkpoint_names, checkpoint_path, evaluate_run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
-    if not (run_dir / "checkpoints" / CHECKPOINTS[args.checkpoint]).exists():
-        raise UsageError(f"{run_dir}: no '{args.checkpoint}' checkpoint ({CHECKPOINTS[args.checkpoint]})")
-    metrics = evaluate_run(run_dir, args.checkpoint)
+    names = checkpoint_names(OmegaConf.load(run_dir / "config.yaml"))
+    checkpoint = args.checkpoint or names[0]
+    if checkpoint not in names:
+        raise UsageError(f"--checkpoint {checkpoint}: this run keeps {', '.join(names)}")
+    if not checkpoint_path(run_dir, checkpoint).exists():
+        raise UsageError(f"{run_dir}: no '{checkpoint}' checkpoint ({checkpoint_path(run_dir, checkpoint)})")
+    metrics = evaluate_run(run_dir, checkpoint)
     print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"wrote {run_dir / 'eval' / (args.checkpoint + '.json')}", file=sys.stderr)
+    print(f"wrote {run_dir / 'eval' / (checkpoint + '.json')}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -263,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")
-    e.add_argument("--checkpoint", choices=["combined", "alignment", "last"], default="combined")
+    e.add_argument(
+        "--checkpoint", help="best_model_<NAME>.pt or 'last' (default: the family's main one, e.g. combined)"
+    )
     e.set_defaults(func=cmd_eval)
     return p
 

@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from core.train.progress import check_config
+from core.train.families import check_config
 
 
 class ConfigError(ValueError):

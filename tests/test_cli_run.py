@@ -104,7 +104,7 @@ def test_analysis_reads_the_run_back(finished_run):
 
 
 def test_logged_metrics_names_exactly_what_the_run_logged(finished_run):
-    from core.train.progress import logged_metrics
+    from core.train.families import logged_metrics
     from launchers.config import compose_experiment
 
     cfg = compose_experiment("progress_learnable_ab", ["debug=fast"])

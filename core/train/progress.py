@@ -21,6 +21,7 @@ from core.losses.progress import cumulative_l2_progress_loss, learnable_progress
 from core.metrics.progress_eval import ProgressEvaluator
 from core.models.encoder import MultiHeadModel, TemporalStacking
 from core.models.progress_head import ProgressHead
+from core.train.plots import plot_dual_losses, plot_progress_curves
 
 ALIGNMENT_LOSSES = {"tcc": tcc_loss, "gtcc": gtcc_loss, "lav": lav_loss, "vava": vava_loss}
 PROGRESS_METHODS = ("none", "cumulative_l2", "learnable")
@@ -34,7 +35,6 @@ def check_config(cfg: DictConfig) -> None:
         if not ok:
             problems.append(msg)
 
-    need(cfg.family in ("progress",), f"family={cfg.family!r}: only 'progress' is available")
     need(
         cfg.loss.alignment.name in ALIGNMENT_LOSSES,
         f"loss.alignment.name must be one of {sorted(ALIGNMENT_LOSSES)}",
@@ -55,9 +55,6 @@ def check_config(cfg: DictConfig) -> None:
             p.head.use_gru or not p.fixes.learnable_h0,
             "loss.progress.fixes.learnable_h0 needs a GRU head (loss.progress.head.use_gru=true)",
         )
-    t = cfg.trainer
-    need(isinstance(t.epochs, int) and t.epochs >= 1, "trainer.epochs must be an integer >= 1")
-    need(isinstance(t.lr, float | int) and t.lr > 0, "trainer.lr must be a positive number")
     need(cfg.data.kind in ("synthetic", "features"), "data.kind must be 'synthetic' or 'features'")
     need(
         isinstance(cfg.data.batch_size, int) and cfg.data.batch_size >= 2,
@@ -86,7 +83,7 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
         losses += ["progress_loss", "progress_lambda"]
     names = {f"{split}/{k}" for split in ("train", "val") for k in losses}
     names |= {f"{split}/{k}" for split in ("val", "test") for k in EVAL_METRICS}
-    return names | {"train/skipped_batches", "lr", "epoch", "epoch_time_s"}
+    return names
 
 
 def load_videos(data_cfg: DictConfig) -> list[Video]:
@@ -296,8 +293,27 @@ class ProgressTask:
     def evaluate(self, split: str, epoch: int) -> dict[str, float]:
         return self.evaluator.evaluate(self.videos[split]).metrics
 
+    def evaluate_checkpoint(self, run_dir: Path, checkpoint: str) -> dict[str, float]:
+        """Val and test metrics of the loaded weights, online as at deployment, plus their plots."""
+        metrics: dict[str, float] = {}
+        for split in ("val", "test"):
+            result = self.evaluator.evaluate(self.videos[split], curves=6 if split == "test" else 0)
+            metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
+        plot_progress_curves(
+            result.curves,
+            run_dir / "plots" / f"progress_{checkpoint}.png",
+            title=f"{self.cfg.experiment_name}: predicted vs true progress ({checkpoint})",
+        )
+        return metrics
+
+    def after_fit(self, history: list[dict[str, float]], run_dir: Path) -> None:
+        plot_dual_losses(history, run_dir / "plots" / "dual_loss_comparison.png")
+
     def save(self, run_dir: Path) -> None:
         save_splits(self.splits, run_dir / "splits.json")
 
     def describe(self) -> dict[str, Any]:
         return {split: len(v) for split, v in self.videos.items()}
+
+
+Task = ProgressTask

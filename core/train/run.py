@@ -1,7 +1,8 @@
 """One run, start to finish: the run directory of DESIGN.md, training, test evaluation, summary.
 
-Layout written here: config.yaml (resolved), splits.json, metrics.jsonl, summary.json,
-checkpoints/{best_model_combined,best_model_alignment,last}.pt, plots/, eval/<checkpoint>.json.
+Layout written here: config.yaml (resolved), metrics.jsonl, summary.json,
+checkpoints/{best_model_<name>,last}.pt (one best checkpoint per entry of the family's `best_checkpoints`),
+plots/, eval/<checkpoint>.json, and whatever the family's `save` writes (e.g. splits.json).
 """
 
 from __future__ import annotations
@@ -12,23 +13,46 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json, atomic_write_text
 from core.train.checkpoint import load_checkpoint
-from core.train.loop import Reporter, Trainer, TrainerConfig
-from core.train.plots import plot_dual_losses, plot_progress_curves
-from core.train.progress import ProgressTask
+from core.train.families import family_module
+from core.train.loop import Reporter, Task, Trainer, TrainerConfig
 
-FAMILIES = {"progress": ProgressTask}
-CHECKPOINTS = {
-    "combined": "best_model_combined.pt",
-    "alignment": "best_model_alignment.pt",
-    "last": "last.pt",
-}
+
+class FamilyTask(Task, Protocol):
+    """What a family module's `Task(cfg, run_dir, device)` offers beyond the loop's `Task`."""
+
+    device: torch.device
+    # checkpoint name -> validation metric whose minimum it keeps; the first is the one evaluated at the end
+    best_checkpoints: dict[str, str]
+
+    def save(self, run_dir: Path) -> None:
+        """Write what a later evaluation needs to see the same data (e.g. the splits)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A few facts about the data for the summary (split sizes)."""
+
+    def evaluate_checkpoint(self, run_dir: Path, checkpoint: str) -> dict[str, float]:
+        """`val/...` and `test/...` metrics of the loaded weights; may draw plots under run_dir/plots."""
+
+    def after_fit(self, history: list[dict[str, float]], run_dir: Path) -> None:
+        """End-of-training artefacts (loss curves)."""
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "checkpoints" / ("last.pt" if name == "last" else f"best_model_{name}.pt")
+
+
+def checkpoint_names(cfg: DictConfig) -> list[str]:
+    """The checkpoints a run of `cfg` keeps, the default evaluation one first."""
+    return [*family_module(cfg.family).Task.best_checkpoints, "last"]
+
+
 _PACKAGES = ("ablate", "torch", "numpy", "hydra-core", "omegaconf", "optuna", "submitit", "wandb", "pandas")
 
 
@@ -72,40 +96,34 @@ def trainer_config(cfg: DictConfig, best: dict[str, str]) -> TrainerConfig:
     return TrainerConfig(**t, seed=cfg.seed, best=best)
 
 
-def build_task(cfg: DictConfig, run_dir: Path) -> ProgressTask:
+def build_task(cfg: DictConfig, run_dir: Path) -> FamilyTask:
     if cfg.trainer.num_threads:
         # small models on a shared CPU: extra intra-op threads cost far more than they give
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)  # model initialisation
-    return FAMILIES[cfg.family](cfg, run_dir, pick_device(cfg.trainer.device))
+    return family_module(cfg.family).Task(cfg, run_dir, pick_device(cfg.trainer.device))
 
 
 def evaluate_run(
-    run_dir: Path, checkpoint: str = "combined", task: ProgressTask | None = None
+    run_dir: Path, checkpoint: str | None = None, task: FamilyTask | None = None
 ) -> dict[str, float]:
-    """Val and test metrics of one checkpoint of a run, also written to eval/<checkpoint>.json."""
+    """Val and test metrics of one checkpoint of a run (default: the family's first best checkpoint), also
+    written to eval/<checkpoint>.json."""
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    path = run_dir / "checkpoints" / CHECKPOINTS[checkpoint]
+    checkpoint = checkpoint or checkpoint_names(cfg)[0]
+    path = checkpoint_path(run_dir, checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no '{checkpoint}' checkpoint in this run")
     task = task or build_task(cfg, run_dir)
     task.model.load_state_dict(load_checkpoint(path, task.device)["model"])
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        result = task.evaluator.evaluate(task.videos[split], curves=6 if split == "test" else 0)
-        metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
-    plot_progress_curves(
-        result.curves,
-        run_dir / "plots" / f"progress_{checkpoint}.png",
-        title=f"{cfg.experiment_name}: predicted vs true progress ({checkpoint})",
-    )
+    metrics = task.evaluate_checkpoint(run_dir, checkpoint)
     atomic_write_json(run_dir / "eval" / f"{checkpoint}.json", metrics)
     return metrics
 
 
 def run_experiment(
-    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: ProgressTask | None = None
+    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: FamilyTask | None = None
 ) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir` and write its summary; returns the summary.
 
@@ -129,8 +147,9 @@ def run_experiment(
         trainer = Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir, reporter)
         summary["resumed_from_epoch"] = trainer.start_epoch if trainer.resume() else None
         result = trainer.fit()
-        plot_dual_losses(result.history, run_dir / "plots" / "dual_loss_comparison.png")
-        test = evaluate_run(run_dir, "combined", task) if result.history else {}
+        task.after_fit(result.history, run_dir)
+        checkpoint = next(iter(task.best_checkpoints))
+        test = evaluate_run(run_dir, checkpoint, task) if result.history else {}
     except BaseException as exc:
         summary.update(
             status="failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
@@ -146,7 +165,7 @@ def run_experiment(
         first_step_at=result.first_step_at,
         final=final,
         best={name: b for name, b in result.best.items()},
-        eval={"checkpoint": "combined", **test},
+        eval={"checkpoint": checkpoint, **test},
         splits=task.describe(),
         wall_time_s=time.perf_counter() - t0,
     )

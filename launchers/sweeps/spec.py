@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from core.train.progress import logged_metrics
+from core.train.families import logged_metrics
 from launchers.config import (
     ConfigError,
     compose_experiment,
