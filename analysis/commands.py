@@ -6,6 +6,7 @@ to exit code 2.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.records import STATES, load_history, open_sweep, sweep_dir_of, sweep_runs
+from analysis.records import STATES, load_history, open_sweep, read_metrics, sweep_dir_of, sweep_runs
 from analysis.stats import TESTS
 from analysis.tables import FORMATS, ablation_table, param_importances, render, search_report
+from core.train.plots import plot_dual_losses
 from launchers.sweeps.spec import SweepSpec
 from launchers.sweeps.study import SweepStudy
 
@@ -29,9 +31,10 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 
 def resolve_metric(runs: pd.DataFrame, metric: str | None, spec: SweepSpec) -> str:
     """The column a metric name means. Default: `final/<objective>` (the last epoch's value, which is
-    what the sweep optimised). A name is taken as a column (`test/ogpe_action` is the eval of the best
-    checkpoint) or else as `final/<name>`. Before any run wrote metrics the name is accepted as given."""
-    candidates = [f"final/{spec.metric}"] if metric is None else [metric, f"final/{metric}"]
+    what the sweep optimised), or the objective itself when only the final evaluation logs it (`test/...`).
+    A name is taken as a column (`test/ogpe_action` is the eval of the best checkpoint) or else as
+    `final/<name>`. Before any run wrote metrics the name is accepted as given."""
+    candidates = [f"final/{spec.metric}", spec.metric] if metric is None else [metric, f"final/{metric}"]
     found = [c for c in candidates if c in runs.columns]
     if found:
         return found[0]
@@ -122,12 +125,35 @@ def sweep_plots(study: SweepStudy) -> list[Path]:
     return paths
 
 
+def run_plots(run_dir: Path) -> list[Path]:
+    """Every PNG of a run dir, after (re)drawing what its records allow. A progress run: the dual-loss
+    curves from metrics.jsonl; the predicted-vs-true progress panels of each evaluated checkpoint
+    (eval/<checkpoint>.json) need the model, so a missing one is drawn by evaluating that checkpoint again
+    (core.train.run.evaluate_run: the run's own splits, the same numbers). Other families: the plots their
+    training and evaluation drew."""
+    run_dir = Path(run_dir)
+    if json.loads((run_dir / "summary.json").read_text()).get("family") == "progress":
+        history = read_metrics(run_dir)
+        if history:
+            plot_dual_losses(history, run_dir / "plots" / "dual_loss_comparison.png")
+        from core.train.run import checkpoint_path, evaluate_run  # builds the model: torch, data
+
+        for evaluated in sorted((run_dir / "eval").glob("*.json")):
+            name = evaluated.stem
+            if (
+                not (run_dir / "plots" / f"progress_{name}.png").is_file()
+                and checkpoint_path(run_dir, name).is_file()
+            ):
+                evaluate_run(run_dir, name)
+    return sorted((run_dir / "plots").glob("*.png"))
+
+
 def plot_command(target: str, root: Path) -> list[Path]:
-    """`ablate plot SWEEP|RUN_DIR`: a sweep's figures (written to `runs/sweeps/<name>/plots/`), or the
-    plots a run dir already has (its training wrote them to `<run_dir>/plots/`)."""
+    """`ablate plot SWEEP|RUN_DIR`: a sweep's figures (written to `runs/sweeps/<name>/plots/`), or a run
+    dir's (`<run_dir>/plots/`, see `run_plots`); returns every path."""
     sweep_dir, path = sweep_dir_of(target, root), Path(target)
     if sweep_dir is None and (path / "summary.json").is_file():
-        return sorted((path / "plots").glob("*.png"))
+        return run_plots(path)
     if sweep_dir is None and path.exists():
         raise ValueError(f"{target}: neither a run directory (no summary.json) nor a sweep directory")
     return sweep_plots(open_sweep(target, root))

@@ -8,6 +8,7 @@ failed trials are rows too (with NaN metrics), so a table of a sweep in progress
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from launchers.sweeps.spec import trial_key
+from launchers.sweeps.spec import SweepSpec, trial_key
 from launchers.sweeps.study import SweepStudy, TrialRecord
 
+HISTORY_COLUMNS = ("run_dir", "epoch", "metric", "value")
 # summary.json status / Optuna trial state -> the one state vocabulary of the tables
 STATES = ("complete", "pruned", "failed", "running", "waiting")
-_RUN_STATUS = {"completed": "complete", "pruned": "pruned", "failed": "failed", "running": "running"}
+RUN_STATUS = {"completed": "complete", "pruned": "pruned", "failed": "failed", "running": "running"}
 _TRIAL_STATE = {
     "COMPLETE": "complete",
     "PRUNED": "pruned",
@@ -68,16 +70,30 @@ def open_sweep(target: str | Path, root: Path | None = None) -> SweepStudy:
     return SweepStudy.open(sweep_dir_of(target, root) or target, root or default_root())
 
 
-def summary_columns(run_dir: Path) -> dict[str, Any]:
-    """What one run dir says about itself: status, config values as `cfg.<path>`, metrics.
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
-    Metric columns: `final/<m>` (last epoch), `best/<checkpoint>` (+ `best_epoch/<checkpoint>`), and the
-    eval metrics of the best checkpoint under their own names (`val/...`, `test/...`). Empty if the run
-    has not written a summary yet."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").is_file():
-        return {}
-    summary = json.loads((run_dir / "summary.json").read_text())
+
+def run_gpus(summary: dict[str, Any], cfg: dict[str, Any] | None, allocated: int | None = None) -> float:
+    """GPUs a run held: a SLURM allocation when it ran in one (billed whether used or not), else the GPUs
+    its process trained on - `environment.gpus` of summary.json, or what `trainer.device` says (cuda: 1,
+    cpu: 0; `auto`: 0 on a CPU-only torch build, else unknown, NaN)."""
+    if allocated is not None:
+        return float(allocated)
+    env = summary.get("environment") or {}
+    if env.get("gpus") is not None:
+        return float(env["gpus"])
+    device = str(((cfg or {}).get("trainer") or {}).get("device", "auto"))
+    if device == "auto":
+        return 0.0 if str((env.get("packages") or {}).get("torch")).endswith("+cpu") else math.nan
+    return 1.0 if device.startswith("cuda") else 0.0
+
+
+def record_columns(
+    summary: dict[str, Any], cfg: dict[str, Any] | None, allocated_gpus: int | None = None
+) -> dict[str, Any]:
+    """The columns of one run from its summary.json-shaped record and resolved config (see
+    `summary_columns`); wandb_export builds the same record from the server's copy of a run."""
     row: dict[str, Any] = {
         "experiment": summary.get("experiment"),
         "status": summary.get("status"),
@@ -87,25 +103,65 @@ def summary_columns(run_dir: Path) -> dict[str, Any]:
     }
     if summary.get("reason"):
         row["reason"] = summary["reason"]
-    if (run_dir / "config.yaml").is_file():
-        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    if cfg is not None:
         row.update({f"cfg.{k}": v for k, v in _flatten(cfg).items() if not isinstance(v, list)})
     for name, best in summary.get("best", {}).items():
         row[f"best/{name}"] = best["value"]
         row[f"best_epoch/{name}"] = best["epoch"]
     row.update({f"final/{k}": v for k, v in summary.get("final", {}).items()})
     row.update({k: v for k, v in summary.get("eval", {}).items() if "/" in k})
+    gpus = run_gpus(summary, cfg, allocated_gpus)
+    wall = row["wall_time_s"]
+    row["gpus"] = gpus
+    row["gpu_hours"] = gpus * wall / 3600.0 if wall is not None else math.nan
     return row
 
 
+def summary_columns(run_dir: Path, allocated_gpus: int | None = None) -> dict[str, Any]:
+    """What one run dir says about itself: status, config values as `cfg.<path>`, metrics, resources.
+
+    Metric columns: `final/<m>` (last epoch), `best/<checkpoint>` (+ `best_epoch/<checkpoint>`), and the
+    eval metrics of the best checkpoint under their own names (`val/...`, `test/...`). `gpus` (see
+    `run_gpus`; `allocated_gpus`: the SLURM allocation of a sweep trial) and `gpu_hours` = gpus x wall
+    time. Empty if the run has not written a summary yet."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        return {}
+    config = run_dir / "config.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None
+    return record_columns(_read_json(run_dir / "summary.json"), cfg, allocated_gpus)
+
+
+def worker_launchers(sweep_dir: Path) -> dict[str, str]:
+    """Worker name -> launcher (local | slurm) of every worker submitted for a sweep, from its jobs.json
+    (written by launchers/sweeps/local.py `record_jobs`)."""
+    jobs = Path(sweep_dir) / "jobs.json"
+    return {j["worker"]: j["launcher"] for j in _read_json(jobs)} if jobs.is_file() else {}
+
+
+def allocated_gpus(spec: SweepSpec, launcher: str | None) -> int | None:
+    """GPUs SLURM gave one worker of the sweep (one task per array job: `gpus_per_task`), or None for a
+    local process. `launcher`: the worker's, None when unknown (the sweep's own launcher is assumed).
+    The resources are the sweep's current ones (sweep.json)."""
+    if (launcher or spec.launcher.get("name", "local")) != "slurm":
+        return None
+    return int((spec.launcher.get("slurm") or {}).get("gpus_per_task", 0))
+
+
 def _plain_runs(path: Path) -> pd.DataFrame:
-    rows = []
+    rows: list[dict[str, Any]] = []
+    specs: dict[Path, SweepSpec] = {}
     for d in run_dirs(path):
-        row: dict[str, Any] = {"run_dir": str(d), "reason": None, **summary_columns(d)}
-        row["state"] = _RUN_STATUS.get(row.get("status"), row.get("status"))
+        sweep_dir = d.parent.parent
+        in_sweep = d.parent.name == "trials" and (sweep_dir / "sweep.json").is_file()
+        if in_sweep and sweep_dir not in specs:
+            specs[sweep_dir] = SweepSpec.from_dict(_read_json(sweep_dir / "sweep.json"))
+        gpus = allocated_gpus(specs[sweep_dir], None) if in_sweep else None  # the worker is not known here
+        row: dict[str, Any] = {"run_dir": str(d), "reason": None, **summary_columns(d, gpus)}
+        row["state"] = RUN_STATUS.get(row.get("status"), row.get("status"))
         row["seed"] = row.get("cfg.seed")
-        if d.parent.name == "trials" and (d.parent.parent / "sweep.json").is_file():
-            row["sweep"], row["key"] = d.parent.parent.name, d.name
+        if in_sweep:
+            row["sweep"], row["key"] = sweep_dir.name, d.name
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -126,6 +182,7 @@ def sweep_runs(study: SweepStudy) -> pd.DataFrame:
     spec = study.spec
     # waiting grid trials carry their point only as fixed params Optuna hides until claimed: use the key
     by_key = {trial_key(spec.name, p, s): (p, s) for p in spec.grid_points() for s in spec.seeds}
+    launchers = worker_launchers(study.sweep_dir)
     rows = []
     for t in _latest_attempts(study.trials()):
         params, seed = (t.params, t.seed) if t.params or t.key not in by_key else by_key[t.key]
@@ -142,7 +199,8 @@ def sweep_runs(study: SweepStudy) -> pd.DataFrame:
             "value": t.value,
             "run_dir": str(run_dir) if run_dir is not None else None,
         }
-        summary = summary_columns(run_dir) if run_dir is not None else {}
+        gpus = allocated_gpus(spec, launchers.get(t.worker))
+        summary = summary_columns(run_dir, gpus) if run_dir is not None else {}
         if row["reason"] is None and summary.get("reason"):
             row["reason"] = summary["reason"]
         row.update({k: v for k, v in summary.items() if k != "reason"})
@@ -153,7 +211,7 @@ def sweep_runs(study: SweepStudy) -> pd.DataFrame:
 def load_runs(path_or_sweep: str | Path, root: Path | None = None) -> pd.DataFrame:
     """One row per run: a sweep (its directory, or its name under `root`) via its study, or every run
     dir below a plain path. Columns: state, reason, seed, parameters, `final/`, `best/`, eval metrics,
-    epochs_run, wall_time_s, run_dir (see `summary_columns`)."""
+    epochs_run, wall_time_s, gpus, gpu_hours, run_dir (see `summary_columns`)."""
     sweep_dir = sweep_dir_of(path_or_sweep, root)
     if sweep_dir is not None:
         return sweep_runs(SweepStudy.open(sweep_dir))
@@ -164,16 +222,22 @@ def load_runs(path_or_sweep: str | Path, root: Path | None = None) -> pd.DataFra
     return _plain_runs(path)
 
 
-def _history_of(run_dir: Path) -> pd.DataFrame | None:
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    wide = pd.DataFrame([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
+def history_frame(records: list[dict[str, Any]], run_dir: str) -> pd.DataFrame | None:
+    """One run's per-epoch records (dicts with an `epoch`) in the long format of `load_history`."""
+    wide = pd.DataFrame(records)
     if wide.empty:
         return None
     long = wide.melt(id_vars=["epoch"], var_name="metric", value_name="value")
-    long.insert(0, "run_dir", str(run_dir))
+    long.insert(0, "run_dir", run_dir)
     return long
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of metrics.jsonl (none if the run has not logged an epoch yet)."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def load_history(
@@ -188,6 +252,10 @@ def load_history(
             raise ValueError("load_history: give a path, a sweep or the runs to read")
         runs = load_runs(path_or_sweep, root)
     dirs = runs["run_dir"].dropna() if "run_dir" in runs else []
-    frames = [f for f in (_history_of(Path(d)) for d in dirs) if f is not None]
-    columns = ["run_dir", "epoch", "metric", "value"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    frames = [f for f in (history_frame(read_metrics(Path(d)), str(d)) for d in dirs) if f is not None]
+    return concat_history(frames)
+
+
+def concat_history(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The per-run frames of `history_frame` as one (empty, with its columns, when there are none)."""
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(HISTORY_COLUMNS))

@@ -1,8 +1,8 @@
 """`python -m benchmarks` (make bench): every benchmark, one after another."""
 
-from benchmarks import bench_gtcc, bench_progress, bench_sweep
+from benchmarks import bench_gtcc, bench_progress, bench_sweep, bench_video
 
-for bench in (bench_progress, bench_gtcc):
+for bench in (bench_progress, bench_gtcc, bench_video):
     print(f"\n== {bench.__name__} ==", flush=True)
     bench.main()
 print(

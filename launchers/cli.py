@@ -1,4 +1,5 @@
-"""The `ablate` command line. Exit codes: 0 ok, 1 a run failed, 2 bad usage/config/input."""
+"""The `ablate` command line. Exit codes: 0 ok, 1 a run failed, 2 bad usage/config/input,
+75 a run stopped by SIGTERM/SIGUSR2 after saving its checkpoint (EX_TEMPFAIL: run it again to resume)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from omegaconf import OmegaConf
 
 from launchers.config import ConfigError, compose_experiment
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 75
 
 
 class UsageError(Exception):
@@ -45,7 +47,13 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run one experiment inline. SIGTERM or SIGUSR2 (a cluster's time limit or preemption) stop it after
+    the current batch with a mid-epoch checkpoint: it prints the command that resumes it (the same
+    overrides with --run-dir) and exits with EXIT_INTERRUPTED, distinct from success and failure so
+    that a job script can requeue itself."""
+    from core.train.loop import Interrupted
     from core.train.run import build_task, run_experiment  # torch import only when a run is asked for
+    from core.train.signals import stop_on_signals
     from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
     cfg = compose_experiment(args.experiment, args.overrides)
@@ -70,7 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             reporters.append(wandb_reporter)
         print(f"run dir: {run_dir}", file=sys.stderr)
-        summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task)
+        with stop_on_signals():
+            summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task)
+    except Interrupted as exc:
+        again = shlex.join(["ablate", "run", args.experiment, *args.overrides, "--run-dir", str(run_dir)])
+        print(f"ablate: {exc}\nresume it with: {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if wandb_reporter is not None:
             wandb_reporter.finish(
@@ -207,6 +220,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from launchers.sync import format_runs, offline_runs, sync_target, upload
+
+    root = results_root(args.root)
+    try:
+        folder = sync_target(args.target, root) if args.target else root
+        runs = offline_runs(folder)
+        print(format_runs(runs, folder), flush=True)  # before wandb's own output
+        if args.dry_run:
+            print("dry run: nothing uploaded", file=sys.stderr)
+            return EXIT_OK
+        left = upload(runs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if left:
+        print(f"ablate: {left} run(s) still not synced (see wandb's messages above)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ablate", description="Experiment orchestration and ablation for video-representation research."
@@ -264,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("target", help="a sweep name or a run directory")
     pl.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     pl.set_defaults(func=cmd_plot)
+
+    sy = sub.add_parser("sync", help="upload offline wandb runs with `wandb sync` (from a host online)")
+    sy.add_argument("target", nargs="?", help="a sweep, a run dir or a folder (default: the results root)")
+    sy.add_argument("--dry-run", action="store_true", help="list the offline runs and what would be uploaded")
+    sy.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    sy.set_defaults(func=cmd_sync)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")

@@ -65,7 +65,9 @@ class WandbReporter:
         )
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._run.log(metrics, step=epoch)
+        # committed now: otherwise the last epoch's row is only flushed by finish() and overwrites the
+        # evaluated val/* values written to the summary there
+        self._run.log(metrics, step=epoch, commit=True)
 
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         for key, value in (summary.get("eval") or {}).items():
@@ -73,6 +75,12 @@ class WandbReporter:
         for key, best in (summary.get("best") or {}).items():
             self._run.summary[f"best/{key}"] = best["value"]
         self._run.summary["status"] = summary.get("status")
+        for key in ("wall_time_s", "reason", "epochs_run"):
+            if summary.get(key) is not None:
+                self._run.summary[key] = summary[key]
+        commit = (summary.get("environment") or {}).get("git_commit")
+        if commit:
+            self._run.summary["git_commit"] = commit
         self._run.finish(exit_code=exit_code)
 
 

@@ -6,8 +6,10 @@ import io
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -302,6 +304,62 @@ def test_load_runs_below_a_results_root_names_sweep_trials(grid):
     assert len(runs) == 31 and (runs["sweep"] == "abl").all() and runs["key"].str.len().eq(12).all()
 
 
+def with_resources(run_dir: Path, device: str, wall_s: float | None, environment: dict) -> None:
+    """A write_run dir that trained on `device` for `wall_s` seconds, `environment` as summary.json's."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "trainer": {"device": device}}))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(wall_time_s=wall_s, environment={"git_commit": "abc", **environment})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+CPU_TORCH, CUDA_TORCH = {"packages": {"torch": "2.13.0+cpu"}}, {"packages": {"torch": "2.13.0"}}
+
+
+@pytest.mark.parametrize(
+    ("device", "wall_s", "environment", "gpus", "gpu_hours"),
+    [
+        ("cpu", 7200.0, CUDA_TORCH, 0, 0.0),
+        ("cuda:0", 5400.0, CUDA_TORCH, 1, 1.5),
+        ("cuda", 1800.0, {"gpus": 4, **CUDA_TORCH}, 4, 2.0),  # what the process recorded wins
+        ("auto", 3600.0, CPU_TORCH, 0, 0.0),  # a CPU-only torch build cannot have used a GPU
+        ("auto", 3600.0, CUDA_TORCH, math.nan, math.nan),  # unknown: not guessed
+        ("cuda", None, CUDA_TORCH, 1, math.nan),  # still running: no wall time yet
+    ],
+)
+def test_gpu_hours_of_a_single_run_are_its_gpus_times_its_wall_time(
+    tmp_path, device, wall_s, environment, gpus, gpu_hours
+):
+    write_run(tmp_path / "r", 0.4, 0)
+    with_resources(tmp_path / "r", device, wall_s, environment)
+    row = load_runs(tmp_path).iloc[0]
+    assert row["gpus"] == pytest.approx(gpus, nan_ok=True)
+    assert row["gpu_hours"] == pytest.approx(gpu_hours, nan_ok=True)
+
+
+def test_gpu_hours_of_sweep_trials_count_the_slurm_allocation_of_their_worker(tmp_path):
+    from launchers.sweeps.local import record_jobs
+
+    slurm = {"name": "slurm", "slurm": {"gpus_per_task": 2, "time": "01:00:00"}}
+    one_point = (("method", (("a", ("loss/progress=a",)),)),)
+    study = SweepStudy.create(spec_of("gpus", seeds=(0, 1, 2), grid=one_point, launcher=slurm), tmp_path)
+    record_jobs(study.sweep_dir, "slurm", "s", [SimpleNamespace(job_id="77_0")], ["slurm-w"])
+    record_jobs(study.sweep_dir, "local", "s", [SimpleNamespace(job_id="4242")], ["local-w"])
+    # worker -> wall time: a SLURM worker (billed its 2 GPUs though it ran on CPU), a local one, and
+    # one jobs.json does not know (taken to have run on the sweep's own launcher)
+    walls = {"slurm-w": 5400.0, "local-w": 3600.0, "unrecorded-w": 900.0}
+    for worker, wall in walls.items():
+        claim = study.claim(worker)
+        write_run(claim.run_dir, 0.3, claim.seed)
+        with_resources(claim.run_dir, "cpu", wall, CPU_TORCH)
+        study.finish(claim, TrialState.COMPLETE, 0.3)
+    runs = load_runs("gpus", tmp_path)
+    assert runs["gpus"].tolist() == [2.0, 0.0, 2.0]
+    assert runs["gpu_hours"].tolist() == pytest.approx([3.0, 0.0, 0.5])
+    # below a plain path the worker is unknown: every trial is taken to have run on the sweep's launcher
+    assert load_runs(study.sweep_dir / "trials")["gpu_hours"].sum() == pytest.approx(3.0 + 2.0 + 0.5)
+
+
 # ------------------------------------------------------------------------------------------- tables
 def test_table_counts_unfinished_trials_and_marks_best_and_ties(grid_runs):
     table = ablation_table(grid_runs, ["method"], COLUMN).set_index("method")
@@ -457,13 +515,16 @@ def test_plot_command_writes_sweep_figures(grid):
 def test_plot_command_lists_a_run_dirs_own_plots(tmp_path):
     run = tmp_path / "run"
     write_run(run, 0.4, 0)
+    (run / "metrics.jsonl").unlink()  # nothing to redraw: what exists is listed as it is
     (run / "plots").mkdir()
-    for name in ("progress_combined.png", "dual_loss_comparison.png"):
+    for name in ("progress_combined.png", "dual_loss_comparison.png", "extra.png"):
         (run / "plots" / name).write_bytes(b"\x89PNG")
     assert [p.name for p in plot_command(str(run), tmp_path)] == [
         "dual_loss_comparison.png",
+        "extra.png",
         "progress_combined.png",
     ]
+    assert (run / "plots" / "dual_loss_comparison.png").read_bytes() == b"\x89PNG"
     with pytest.raises(ValueError, match="neither a run directory"):
         plot_command(str(tmp_path), tmp_path)
 
@@ -472,3 +533,36 @@ def test_render_markdown_escapes_pipes(grid_runs):
     runs = grid_runs.assign(method=grid_runs["method"].replace({"none": "no|ne"}))
     md = render_markdown(ablation_table(runs, ["method"], COLUMN))
     assert "no\\|ne" in md
+
+
+def test_ablate_plot_redraws_a_finished_progress_runs_figures_and_lists_them(tmp_path, capsys):
+    from launchers.cli import main
+
+    root = tmp_path / "runs"
+    args = [
+        "progress_learnable",
+        "debug=fast",
+        "trainer.epochs=1",
+        "logger.enabled=false",
+        "--root",
+        str(root),
+    ]
+    assert main(["run", *args]) == 0
+    (run,) = (root / "progress_learnable").iterdir()
+    evaluated = json.loads((run / "eval" / "combined.json").read_text())
+    shutil.rmtree(run / "plots")  # e.g. copied back from a cluster without them
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [
+        run / "plots" / name
+        for name in ("calibration_combined.png", "dual_loss_comparison.png", "progress_combined.png")
+    ]
+    assert all(p.stat().st_size > 10_000 for p in printed)
+    # the panels came from evaluating the combined checkpoint again: the same numbers
+    assert json.loads((run / "eval" / "combined.json").read_text()) == pytest.approx(evaluated, abs=1e-9)
+    # with the panels on disk, nothing is evaluated again; the loss curves are redrawn from metrics.jsonl
+    stamp = (run / "eval" / "combined.json").stat().st_mtime_ns
+    (run / "plots" / "dual_loss_comparison.png").unlink()
+    assert plot_command(str(run), root) == printed and printed[1].is_file()
+    assert (run / "eval" / "combined.json").stat().st_mtime_ns == stamp

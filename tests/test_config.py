@@ -2,14 +2,25 @@
 
 import pytest
 
+from core.train.families import FAMILY_MODULES, check_config, logged_metrics
 from core.train.progress import build_model
 from launchers.cli import main
 from launchers.config import ConfigError, compose_experiment, group_options
 
+PROGRESS_EXPERIMENTS = [e for e in group_options("experiment") if e.startswith("progress_")]
+
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes_and_passes_its_familys_checks(experiment):
+    cfg = compose_experiment(experiment, ["debug=fast"])
+    assert cfg.experiment_name == experiment and cfg.family in FAMILY_MODULES
+    check_config(cfg)
+    assert {"lr", "epoch"} <= logged_metrics(cfg)
+
+
+@pytest.mark.parametrize("experiment", PROGRESS_EXPERIMENTS)
 @pytest.mark.parametrize("alignment", group_options("loss/alignment"))
-def test_every_experiment_composes_and_builds(experiment, alignment):
+def test_every_progress_experiment_composes_and_builds(experiment, alignment):
     cfg = compose_experiment(experiment, [f"loss/alignment={alignment}", "debug=fast"])
     assert cfg.experiment_name == experiment
     assert cfg.loss.alignment.name == alignment
@@ -19,12 +30,13 @@ def test_every_experiment_composes_and_builds(experiment, alignment):
 
 
 def test_experiments_select_their_progress_method():
-    methods = {e: compose_experiment(e).loss.progress.method for e in group_options("experiment")}
+    methods = {e: compose_experiment(e).loss.progress.method for e in PROGRESS_EXPERIMENTS}
     assert methods == {
         "progress_none": "none",
         "progress_cum_l2": "cumulative_l2",
         "progress_learnable": "learnable",
         "progress_learnable_ab": "learnable",
+        "progress_head_study": "learnable",
     }
     ab = compose_experiment("progress_learnable_ab").loss.progress.fixes
     assert ab.position_encoding and ab.learnable_h0 and not ab.delta_targets

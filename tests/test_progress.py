@@ -1,33 +1,46 @@
-"""Progress ground truth, metrics, segment sampler, ProgressHead and both progress losses."""
+"""Progress ground truth, metrics, segment sampler and both progress losses (heads: test_progress_heads)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from core.data.video import Video
 from core.losses.progress import cumulative_l2_progress_loss, learnable_progress_loss, sample_action_segments
 from core.metrics.progress import (
+    EARLY,
+    END,
+    MID,
     action_cumulative_progress,
+    calibration_bins,
     cumulative_distance,
+    monotonicity,
     ogpe,
+    relative_position,
     true_progress,
     true_progress_per_action,
+    window_mean,
 )
+from core.metrics.progress_eval import METRIC_NAMES, ProgressEvaluator
 from core.models.progress_head import ProgressHead
+from core.train.plots import plot_calibration
 from tests.reference.progress import (
+    action_position_stats_loop,
     action_progress_normalised_loop,
     cumulative_distance_loop,
     cumulative_l2_loss_loop,
     learnable_progress_loss_loop,
     ogpe_loop,
+    predict_online_loop,
     seed_action_progress,
-    seed_head_forward,
     true_progress_loop,
     true_progress_per_action_loop,
 )
+from tests.test_progress_heads import make_head
 
 # background at the start ('0'), in the middle ('SIL') and at the end ('background')
 TIMES = {
@@ -36,13 +49,12 @@ TIMES = {
     "end_frame": [1, 5, 7, 9, 11],
     "name": "hand",
 }
-HEAD_VARIANTS = [  # (use_gru, position_encoding, learnable_h0)
-    (True, False, False),
-    (True, True, False),
-    (True, False, True),
-    (True, True, True),
-    (False, False, False),
-    (False, True, False),
+LOSS_HEADS = [  # (kind, position_encoding A, learnable start B)
+    ("gru", False, False),
+    ("gru", True, True),
+    ("mean", True, False),
+    ("transformer", True, True),
+    ("dilated_conv", False, True),
 ]
 
 
@@ -268,71 +280,6 @@ def test_sampler_clamps_to_the_video() -> None:
     torch.testing.assert_close(s.targets, ((s.target_index + 1) / 30).float())
 
 
-# ---------------------------------------------------------------------------------------- head
-def make_head(variant: tuple[bool, bool, bool], delta: bool = False, D: int = 6) -> ProgressHead:
-    use_gru, pos, h0 = variant
-    torch.manual_seed(0)
-    head = ProgressHead(
-        D, 8, use_gru=use_gru, position_encoding=pos, learnable_h0=h0, delta_output=delta
-    ).double()
-    if h0:
-        with torch.no_grad():
-            head.h0.normal_()  # a non-zero h0 so that using it (or not) shows
-    return head
-
-
-@pytest.mark.parametrize("variant", HEAD_VARIANTS)
-def test_head_batched_forward_equals_per_segment(variant: tuple[bool, bool, bool]) -> None:
-    head = make_head(variant)
-    segs = [
-        torch.randn(n, 6, dtype=torch.float64, generator=gen(n), requires_grad=True) for n in (1, 7, 3, 12, 2)
-    ]
-    padded = torch.nn.utils.rnn.pad_sequence(segs, batch_first=True)
-    lengths = torch.tensor([s.shape[0] for s in segs])
-    batched = head(padded, lengths)
-    ref = torch.stack([seed_head_forward(head, s) for s in segs])
-    torch.testing.assert_close(batched, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(head(segs), ref, rtol=1e-10, atol=1e-12)
-    assert torch.all((batched >= 0) & (batched <= 1))
-    weights = torch.randn(len(segs), dtype=torch.float64)
-    params = [p for p in head.parameters()]
-    g_batched = torch.autograd.grad((batched * weights).sum(), [*segs, *params])
-    g_ref = torch.autograd.grad((ref * weights).sum(), [*segs, *params])
-    for a, b in zip(g_batched, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("variant", HEAD_VARIANTS)
-def test_head_gradients_reach_every_parameter_and_only_valid_frames(variant: tuple[bool, bool, bool]) -> None:
-    head = make_head(variant)
-    x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
-    head(x, torch.tensor([9, 4, 2])).sum().backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    assert torch.all(x.grad[1, 4:] == 0) and torch.all(x.grad[2, 2:] == 0)
-    assert x.grad[1, :4].abs().sum() > 0
-
-
-@pytest.mark.parametrize("variant", HEAD_VARIANTS)
-@pytest.mark.parametrize("delta", [False, True])
-def test_predict_online_equals_per_prefix_forward(variant: tuple[bool, bool, bool], delta: bool) -> None:
-    head = make_head(variant, delta)
-    action = torch.randn(23, 6, dtype=torch.float64)
-    with torch.no_grad():
-        per_prefix = torch.stack([seed_head_forward(head, action[: t + 1]) for t in range(23)])
-        expected = per_prefix.cumsum(0).clamp(0, 1) if delta else per_prefix
-        torch.testing.assert_close(head.predict_online(action), expected, rtol=1e-10, atol=1e-12)
-        # a tiny budget forces many chunks; the answer must not change
-        torch.testing.assert_close(
-            head.predict_online(action, max_chunk_frames=40), expected, rtol=1e-10, atol=1e-12
-        )
-
-
-def test_head_rejects_h0_without_gru() -> None:
-    with pytest.raises(ValueError):
-        ProgressHead(4, use_gru=False, learnable_h0=True)
-
-
 # ---------------------------------------------------------------------------------------- losses
 def loss_batch(seed: int) -> tuple[list[torch.Tensor], list[dict]]:
     rng = np.random.default_rng(seed)
@@ -354,9 +301,9 @@ LOSS_CASES = [
 
 
 @pytest.mark.parametrize("case", LOSS_CASES)
-@pytest.mark.parametrize("variant", [HEAD_VARIANTS[0], HEAD_VARIANTS[3], HEAD_VARIANTS[5]])
-def test_learnable_loss_matches_loop_reference(case: dict, variant: tuple[bool, bool, bool]) -> None:
-    head = make_head(variant, case.get("delta_targets", False))
+@pytest.mark.parametrize("variant", LOSS_HEADS)
+def test_learnable_loss_matches_loop_reference(case: dict, variant: tuple[str, bool, bool]) -> None:
+    head = make_head(*variant, delta=case.get("delta_targets", False))
     embeddings, times = loss_batch(3)
     params = list(head.parameters())
     ours = learnable_progress_loss(head, embeddings, times, generator=gen(11), **case)
@@ -404,7 +351,7 @@ def test_learnable_loss_targets_weights_and_reduction_by_hand() -> None:
 
 
 def test_video_without_valid_action_contributes_nothing() -> None:
-    head = make_head(HEAD_VARIANTS[1])
+    head = make_head("gru", True)
     embeddings, times = loss_batch(7)
     empty = {"step": ["SIL", "a"], "start_frame": [0, 10], "end_frame": [9, 11], "name": "e"}  # 'a' too short
     with_empty = learnable_progress_loss(
@@ -422,7 +369,7 @@ def test_video_without_valid_action_contributes_nothing() -> None:
 def test_learnable_loss_rejects_mismatched_delta_mode() -> None:
     embeddings, times = loss_batch(1)
     with pytest.raises(ValueError):
-        learnable_progress_loss(make_head(HEAD_VARIANTS[0]), embeddings, times, delta_targets=True)
+        learnable_progress_loss(make_head("gru"), embeddings, times, delta_targets=True)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -447,3 +394,160 @@ def test_cumulative_l2_loss_skips_single_frame_video() -> None:
     assert loss.item() == 0.0
     loss.backward()
     assert torch.all(emb.grad == 0)
+
+
+# ---------------------------------------------------------------------------------------- where in the action
+def test_relative_position_puts_first_frame_at_0_and_last_at_1() -> None:
+    r = relative_position(torch.tensor([3, 1, 5]))
+    assert r.tolist() == [0.0, 0.5, 1.0, 1.0, 0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_window_means_monotonicity_and_bins_by_hand() -> None:
+    # action 1 (11 frames): 0.6 at the first two frames (r = 0, 0.1), rising after; action 2 (3 frames):
+    # r = 0, 0.5, 1; action 3 (1 frame): only an end
+    a1 = [0.6, 0.6, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9]
+    a2 = [0.2, 0.1, 0.7]
+    a3 = [0.95]
+    values = torch.tensor(a1 + a2 + a3)
+    lengths = torch.tensor([11, 3, 1])
+    assert window_mean(values, lengths, EARLY) == pytest.approx((0.6 + 0.2) / 2)
+    # mid: a1 frame 5 (r = 0.5; 0.45 and 0.55 fall on no frame of a1), a2 frame 1
+    assert window_mean(values, lengths, MID) == pytest.approx((0.5 + 0.1) / 2)
+    assert window_mean(values, lengths, END) == pytest.approx((0.85 + 0.7 + 0.95) / 3)
+    # a1: 9 of 10 steps go up or stay (0.6 -> 0.3 does not); a2: 1 of 2; a3 has no step
+    assert monotonicity(values, lengths) == pytest.approx((0.9 + 0.5) / 2)
+    means, n_actions = calibration_bins(values, lengths, 10)
+    assert n_actions.tolist() == [2, 1, 1, 1, 1, 2, 1, 1, 1, 3]
+    assert means[0].item() == pytest.approx((0.6 + 0.2) / 2)
+    assert means[5].item() == pytest.approx((0.5 + 0.1) / 2)
+    assert means[9].item() == pytest.approx(((0.8 + 0.9) / 2 + 0.7 + 0.95) / 3)
+    # a window no action reaches is NaN, not 0
+    assert np.isnan(window_mean(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]), EARLY))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_position_statistics_match_loop_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 30, size=12)
+    values = rng.uniform(size=int(lengths.sum())).round(2)  # rounding makes ties (non-decreasing steps)
+    per_action = np.split(values, np.cumsum(lengths)[:-1])
+    ref = action_position_stats_loop([a.tolist() for a in per_action])
+    v, n = torch.from_numpy(values), torch.from_numpy(lengths)
+    for name, window in (("early", EARLY), ("mid", MID), ("end", END)):
+        assert window_mean(v, n, window) == pytest.approx(ref[name], rel=1e-12, nan_ok=True)
+    assert monotonicity(v, n) == pytest.approx(ref["monotonicity"], rel=1e-12)
+    means, n_actions = calibration_bins(v, n, 10)
+    assert means.tolist() == pytest.approx(ref["bins"], rel=1e-12, nan_ok=True)
+    assert n_actions.tolist() == ref["bin_actions"]
+
+
+class _Source:
+    """The evaluator's view of a task: a model (maybe with a progress head) and fixed embeddings."""
+
+    def __init__(self, head: torch.nn.Module | None, embeddings: dict[str, torch.Tensor]) -> None:
+        self.model = torch.nn.Module()
+        self.model.progress_head = head
+        self.embeddings = embeddings
+
+    def embed_videos(self, videos: list[Video]) -> list[torch.Tensor]:
+        return [self.embeddings[v.name] for v in videos]
+
+
+def _video(name: str, steps: list[tuple[str, int]]) -> Video:
+    ends = np.cumsum([n for _, n in steps])
+    times = {
+        "step": [s for s, _ in steps],
+        "start_frame": [0, *ends[:-1].tolist()],
+        "end_frame": (ends - 1).tolist(),
+        "name": name,
+    }
+    return Video(name, "t", np.zeros((int(ends[-1]), 2), dtype=np.float32), times)
+
+
+def _constant_head(value: float) -> ProgressHead:
+    """A real GRU head whose output layer ignores its input: sigmoid(bias) = value at every frame."""
+    head = ProgressHead(3, 8)
+    with torch.no_grad():
+        head.fc[-2].weight.zero_()
+        head.fc[-2].bias.fill_(float(np.log(value / (1 - value))))
+    return head
+
+
+def _eval_setup(head: torch.nn.Module | None) -> tuple[ProgressEvaluator, list[Video]]:
+    train = [_video(f"tr{i}", [("SIL", 2), ("a", 10), ("b", 5), ("SIL", 3)]) for i in range(2)]
+    test = [
+        _video("te0", [("SIL", 2), ("a", 20), ("b", 3), ("SIL", 1)]),
+        _video("te1", [("a", 11), ("SIL", 2)]),
+    ]
+    # frames move at unit speed along one axis: cumulative distance = frames elapsed
+    line = lambda T: torch.arange(T, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0, 0.0]])  # noqa: E731
+    embeddings = {v.name: line(v.num_frames) for v in train + test}
+    return ProgressEvaluator(_Source(head, embeddings), train), test
+
+
+def test_evaluator_reports_where_a_constant_head_fails() -> None:
+    evaluator, test = _eval_setup(_constant_head(0.6))
+    result = evaluator.evaluate(test, curves=10)
+    m = result.metrics
+    assert set(m) == set(METRIC_NAMES)
+    for where in ("early", "mid", "end"):
+        assert m[f"progress_{where}"] == pytest.approx(0.6, abs=1e-6)
+    assert m["monotonicity"] == 1.0  # a constant never decreases
+    # actions of the test split: a (20 frames), b (3), a (11); truth (i + 1) / L, ramp (i + 1) / mean train L
+    truths = [np.arange(1, L + 1) / L for L in (20, 3, 11)]
+    ramps = [np.minimum(np.arange(1, L + 1) / n, 1.0) for L, n in ((20, 10), (3, 5), (11, 10))]
+    ref_truth = action_position_stats_loop([t.tolist() for t in truths])
+    ref_ramp = action_position_stats_loop([r.tolist() for r in ramps])
+    # early frames (r <= 0.1): a(20) frames 0-1, b(3) frame 0, a(11) frames 0-1 (r = 0, 0.1)
+    assert m["progress_early_true"] == pytest.approx((1.5 / 20 + 1 / 3 + 1.5 / 11) / 3)
+    for where in ("early", "mid", "end"):
+        assert m[f"progress_{where}_true"] == pytest.approx(ref_truth[where])
+        assert m[f"progress_{where}_baseline_ramp"] == pytest.approx(ref_ramp[where])
+    video_truth = [np.concatenate(truths[:2]), truths[2]]
+    assert m["ogpe_action"] == pytest.approx(np.mean([np.abs(t - 0.6).mean() for t in video_truth]), abs=1e-6)
+    assert m["ogpe_action_baseline_const"] == pytest.approx(
+        np.mean([np.abs(t - 0.5).mean() for t in video_truth])
+    )
+    cal = result.calibration
+    assert cal["predicted"] == pytest.approx([0.6] * 10, abs=1e-6)
+    assert cal["true"] == pytest.approx(ref_truth["bins"])
+    assert cal["ramp"] == pytest.approx(ref_ramp["bins"])
+    assert cal["const"] == [0.5] * 10 and cal["n_actions"] == ref_truth["bin_actions"]
+    assert [len(c.truth) for c in result.curves] == [20, 3, 11]
+    json.dumps(cal, allow_nan=False)  # plain JSON: empty bins would be None, not NaN
+
+
+def test_evaluator_without_head_scores_the_cumulative_prediction() -> None:
+    evaluator, test = _eval_setup(None)
+    m = evaluator.evaluate(test).metrics
+    # unit-speed frames, training normalisers 9 ('a': 10 frames) and 4 ('b'): prediction i / 9 and i / 4
+    preds = [np.arange(20) / 9, np.arange(3) / 4, np.arange(11) / 9]
+    ref = action_position_stats_loop([p.tolist() for p in preds])
+    assert m["progress_early"] == pytest.approx(ref["early"]) and m["progress_end"] == pytest.approx(
+        ref["end"]
+    )
+    assert m["monotonicity"] == 1.0 and m["ogpe_action"] == m["ogpe_action_cum"]
+
+
+def test_evaluator_feeds_every_action_online_from_its_start() -> None:
+    torch.manual_seed(0)
+    head = ProgressHead(3, 8, position_encoding=True, kind="transformer", n_heads=2, ff_dim=16)
+    evaluator, test = _eval_setup(head)
+    noisy = {
+        name: e + torch.randn(e.shape, generator=gen(1)) for name, e in evaluator.source.embeddings.items()
+    }
+    evaluator.source.embeddings = noisy
+    curves = evaluator.evaluate(test, curves=10).curves
+    spans = [("te0", 2, 22), ("te0", 22, 25), ("te1", 0, 11)]
+    with torch.no_grad():
+        for c, (name, a, b) in zip(curves, spans, strict=True):
+            assert c.video == name
+            np.testing.assert_allclose(
+                c.predicted, predict_online_loop(head, noisy[name][a:b]).numpy(), rtol=1e-5
+            )
+
+
+def test_calibration_plot_is_written(tmp_path) -> None:
+    evaluator, test = _eval_setup(_constant_head(0.6))
+    path = plot_calibration(evaluator.evaluate(test).calibration, tmp_path / "plots" / "calibration.png", "t")
+    assert path.is_file() and path.stat().st_size > 10_000

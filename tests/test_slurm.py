@@ -8,17 +8,21 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from datetime import datetime
 
 import pytest
+import submitit
+import yaml
 from optuna.trial import TrialState
 
+from launchers.cli import main
 from launchers.sweeps import slurm
 from launchers.sweeps.local import submitted_jobs
-from launchers.sweeps.spec import load_sweep
-from launchers.sweeps.study import SweepStudy
+from launchers.sweeps.spec import load_sweep, sweeps_dir
+from launchers.sweeps.study import SweepStudy, TrialRecord
 
 SWEEP = """
 experiment: progress_none
@@ -131,6 +135,113 @@ def test_workers_beyond_max_array_size_go_into_several_arrays(cluster, tmp_path,
     ids = [j.job_id for j in jobs]
     assert ids[0].endswith("_0") and ids[1].endswith("_1") and "_" not in ids[2], ids
     assert ids[0].split("_")[0] == ids[1].split("_")[0] != ids[2]
+
+
+def _one_long_trial(tmp_path, name: str) -> tuple[SweepStudy, submitit.Job]:
+    """A sweep of one trial far longer than the test (~0.5 s per epoch), claimed by one SLURM worker;
+    returns once the worker has recorded its job on the trial."""
+    body = yaml.safe_load(SWEEP)
+    body |= {
+        "overrides": [
+            *body["overrides"],
+            "trainer.epochs=100",
+            "data.generator.videos_per_task=6",
+            "data.split_fractions=[0.34,0.33,0.33]",
+        ],
+        "seeds": [0],
+        "grid": {"trainer.lr": [0.001]},
+        "workers": 1,
+        "lease": {"heartbeat_s": 1, "timeout_s": 5, "max_retries": 1},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    study = SweepStudy.create(load_sweep(path), tmp_path / "runs")
+    (job,) = slurm.submit_slurm_workers(study.sweep_dir, 1, slurm.slurm_resources(study.spec.launcher))
+    deadline = time.monotonic() + 60
+    while not (claimed := [t for t in study.trials() if t.state == "RUNNING" and t.slurm_job]):
+        assert time.monotonic() < deadline, f"no trial claimed in 60 s; job {job.job_id} is {job.state}"
+        time.sleep(0.1)
+    assert claimed[0].slurm_job == job.job_id
+    return study, job
+
+
+def _given_back(study: SweepStudy, timeout: float = 60) -> TrialRecord:
+    """The trial, once it is failed and its retry enqueued (recovering it when its lease runs out, as a
+    worker would)."""
+    deadline = time.monotonic() + timeout
+    while study.trials()[0].state == "RUNNING":
+        assert time.monotonic() < deadline, f"the trial is still RUNNING after {timeout} s"
+        study.recover_stale()
+        time.sleep(0.2)
+    lost, retry = study.trials()
+    assert lost.state == "FAIL" and retry.state == "WAITING" and retry.key == lost.key
+    assert retry.slurm_job is None  # not claimed yet
+    return lost
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_recovered_as_out_of_memory_with_its_job(cluster, tmp_path):
+    study, job = _one_long_trial(tmp_path, "oom")
+    # what the kernel's OOM killer does: SIGKILL to the worker process, which cannot react
+    pids = subprocess.run(["scontrol", "listpids", job.job_id], capture_output=True, text=True, check=True)
+    (pid,) = [int(row.split()[0]) for row in pids.stdout.splitlines()[1:] if row.split()[2] == "0"]
+    os.kill(pid, signal.SIGKILL)
+    lost = _given_back(study)
+    assert lost.exit_reason == "out-of-memory" and lost.slurm_job == job.job_id
+    assert re.fullmatch(
+        rf"worker lost: no heartbeat for \d+ s \(worker \S+\): slurm job {job.job_id} FAILED \(exit 9:0\)",
+        lost.reason,
+    ), lost.reason
+
+
+@pytest.mark.slow
+def test_cancelled_worker_job_is_recorded_with_its_job_id_and_state(cluster, tmp_path, capsys):
+    study, job = _one_long_trial(tmp_path, "cancel")
+    subprocess.run(["scancel", job.job_id], check=True, capture_output=True)
+    # the worker gives its trial back at SIGTERM; one that cannot is SIGKILLed after KillWait and its
+    # trial recovered by the lease: either way the failure names the job and why it ended
+    lost = _given_back(study)
+    assert lost.exit_reason == "cancelled" and lost.slurm_job == job.job_id
+    assert re.search(rf": slurm job {job.job_id} CANCELLED \(exit \d+:\d+\)$", lost.reason), lost.reason
+    deadline = time.monotonic() + 60
+    while slurm.job_states([job.job_id])[job.job_id].state != "CANCELLED":  # squeue: COMPLETING first
+        assert time.monotonic() < deadline, f"job {job.job_id} never left squeue"
+        time.sleep(0.2)
+
+    capsys.readouterr()
+    assert main(["status", "cancel", "--json", "--root", str(tmp_path / "runs")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r["state"], r["job_id"], r["job_state"], r["exit_reason"]) for r in rows[:2]] == [
+        ("trial", "FAIL", job.job_id, "CANCELLED", "cancelled"),
+        ("trial", "WAITING", None, None, None),
+    ]
+    assert rows[2:] == [
+        {
+            "kind": "array",
+            "array": job.job_id.split("_")[0],
+            "jobs": 1,
+            "pending": 0,
+            "running": 0,
+            "completed": 0,
+            "failed": 1,
+            "unknown": 0,
+            "failed_by_reason": {"cancelled": 1},
+            "job_states": {job.job_id: "CANCELLED"},
+        }
+    ]
+    assert main(["status", "cancel", "--root", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"^0 +\S+ +1 +{job.job_id} +CANCELLED +cancelled +\S", text, re.MULTILINE), text
+    assert re.search(r"^\d+ +1 +0 +0 +0 +1 +0 +cancelled 1$", text, re.MULTILINE), text
+
+
+def test_cluster_example_resources_are_valid():
+    # the whole file loads in tests/test_sweep_spec.py (every shipped sweep); here: its SLURM resources
+    launcher = yaml.safe_load((sweeps_dir() / "cluster_example.yaml").read_text())["launcher"]
+    assert launcher["name"] == "slurm"
+    resources = slurm.slurm_resources(launcher)
+    assert resources["timeout_min"] == 240 and resources["slurm_gpus_per_task"] == 1
+    assert resources["cpus_per_task"] == 8 and resources["mem_gb"] == 32.0
 
 
 def test_resources_become_submitit_parameters():

@@ -25,7 +25,9 @@ def test_every_shipped_sweep_loads(shipped):
     assert set(SHIPPED) <= set(shipped)
     for name, spec in shipped.items():
         assert spec.name == name
-        assert spec.metric == "val/ogpe_action" and spec.direction == "minimize"
+    for name in ("demo", "progress_search", "progress_methods", "progress_head_study"):
+        assert shipped[name].metric.endswith("ogpe_action") and shipped[name].direction == "minimize"
+    assert shipped["progress_head_study"].budget == 8 * 3 * 2 * 3
     assert shipped["progress_search"].mode == "search"
     assert shipped["demo"].mode == shipped["progress_methods"].mode == "grid"
 

@@ -5,6 +5,7 @@ failing trial is recorded and skipped."""
 import json
 import math
 import multiprocessing as mp
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from launchers.config import compose_experiment
 from launchers.sweeps.spec import SweepError, SweepSpec, load_sweep, trial_key
+from launchers.sweeps.status import format_status, status_json_lines
 from launchers.sweeps.study import SweepStudy, masked_url
-from launchers.sweeps.worker import run_worker
+from launchers.sweeps.worker import run_worker, trial_threads
 
 REPO = Path(__file__).resolve().parents[1]
 # ~0.5 s per epoch on one core: 6 videos per task, split 2/2/2
@@ -187,6 +190,48 @@ def test_lost_trial_is_failed_once_and_retried_with_same_key(tmp_path, storage):
     assert study.recover_stale(now=time.time() + 2 * spec.timeout_s) == [c.number for c in claims]
     assert study.remaining_work() == (1, 0)  # only the other trial's (first) retry
     assert study.claim("w1").attempt == 2 and study.claim("w1") is None
+
+
+def test_a_lost_trial_names_the_slurm_job_that_claimed_it(tmp_path, monkeypatch):
+    spec = make_spec(
+        tmp_path,
+        "job",
+        overrides=TINY,
+        grid={"trainer.lr": [0.001, 0.002]},
+        lease={"heartbeat_s": 1, "timeout_s": 5, "max_retries": 1},
+    )
+    study = SweepStudy.create(spec, tmp_path / "runs")
+    on_slurm = study.claim("w-slurm", slurm_job="4242_1")
+    local = study.claim("w-local")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sacct (a laptop reading the sweep): no reason, no error
+    assert study.recover_stale(now=time.time() + 6) == [on_slurm.number, local.number]
+    trials = study.trials()
+    lost = trials[on_slurm.number]
+    assert lost.slurm_job == "4242_1" and lost.exit_reason is None
+    assert re.fullmatch(
+        r"worker lost: no heartbeat for \d+ s \(worker w-slurm\): slurm job 4242_1 \(state unknown.*\)",
+        lost.reason,
+    ), lost.reason
+    assert trials[local.number].slurm_job is None
+    assert re.fullmatch(
+        r"worker lost: no heartbeat for \d+ s \(worker w-local\)", trials[local.number].reason
+    )
+    assert all(t.slurm_job is None for t in trials[2:])  # the retries, not claimed yet
+    rows = [json.loads(line) for line in status_json_lines(study).splitlines()]
+    assert [(r["kind"], r["job_id"], r["job_state"]) for r in rows[:2]] == [
+        ("trial", "4242_1", None),
+        ("trial", None, None),
+    ]
+    assert "4242_1" in format_status(study)
+
+
+def test_worker_threads_follow_the_config_else_slurm_cpus_per_task(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    default = compose_experiment("progress_none", [])
+    assert default.trainer.num_threads is None and trial_threads(default) == 1  # local workers share cores
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert trial_threads(default) == 4  # 4 trials on one node do not each take every core
+    assert trial_threads(compose_experiment("progress_none", ["trainer.num_threads=2"])) == 2
 
 
 def test_nan_objective_is_a_failure(tmp_path):
@@ -410,7 +455,8 @@ def test_terminated_worker_gives_its_trial_back_at_once(tmp_path):
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 130
     first, retry = study.trials()
-    assert first.state == "FAIL" and first.reason == "worker interrupted (worker term)"
+    assert first.state == "FAIL" and first.reason.startswith("interrupted: stopped by SIGTERM")
+    assert first.reason.endswith("(worker term)")
     # back in the queue without waiting for the lease timeout, and whatever max_retries says
     assert retry.state == "WAITING" and retry.key == first.key and retry.attempt == 2
     assert run_worker(study.sweep_dir, "solo") == 1

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from core.data.video import is_background
 from core.metrics.progress import action_cumulative_progress, true_progress_per_action
-from core.models.progress_head import ProgressHead  # re-exported: the head is part of this API
+from core.models.progress_head import ProgressHead, gather_segments  # ProgressHead: re-exported
 
 __all__ = [
     "ProgressHead",
@@ -103,17 +103,6 @@ def _draw(
     return _Draws(pick, a_start, a_len, seg_start, seg_end, target)
 
 
-def _gather_segments(frames: Tensor, first: np.ndarray, lengths: np.ndarray) -> Tensor:
-    """Zero-padded (N, L_max, D) windows frames[first_i : first_i + lengths_i] with one index op."""
-    offsets = np.arange(int(lengths.max()))
-    inside = offsets < lengths[:, None]  # (N, L_max)
-    index = np.where(inside, first[:, None] + offsets, first[:, None])
-    index_t = torch.from_numpy(index.reshape(-1)).to(frames.device)
-    inside_t = torch.from_numpy(inside[..., None]).to(frames.device, frames.dtype)
-    # index_select (backward: index_add) is the cheapest gather on CPU; padding rows are finite
-    return frames.index_select(0, index_t).view(*index.shape, -1) * inside_t  # (N, L_max, D)
-
-
 def _gt(d: _Draws) -> np.ndarray:
     """The seed's ground truth: clip((target - action_start + 1) / action_length, 0, 1)."""
     return np.clip((d.target - d.action_start + 1) / d.action_length, 0.0, 1.0)
@@ -142,7 +131,7 @@ def sample_action_segments(
     labels = np.asarray([str(s) for s in times["step"]], dtype=object)[d.pick].tolist()
     gt = torch.from_numpy(_gt(d)).to(embeddings.device, embeddings.dtype)
     return SegmentSample(
-        _gather_segments(embeddings, d.segment_start, seg_len),
+        gather_segments(embeddings, d.segment_start, seg_len),
         torch.from_numpy(seg_len),
         gt,
         labels,
@@ -203,7 +192,7 @@ def learnable_progress_loss(
     if not keep.any():
         return _zero_with_graph(embeddings, head)
     frames = torch.cat(list(embeddings))  # (sum T, D): one gather packs every video's segments
-    segments = _gather_segments(frames, seg_start[keep], lengths[keep])  # (N_keep, L_max, D)
+    segments = gather_segments(frames, seg_start[keep], lengths[keep])  # (N_keep, L_max, D)
     pred = head(segments, torch.from_numpy(lengths[keep]))  # (N_keep,)
     gt = torch.from_numpy(np.concatenate([_gt(d) for _, d in draws])[keep]).to(pred.device, pred.dtype)
     if delta_targets:

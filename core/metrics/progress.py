@@ -164,3 +164,77 @@ def action_cumulative_progress(
             raise ValueError("action normalisers must be positive")
         pred = cum / norm[fs.seg_id]
     return torch.where(fs.action, pred, 0.0)  # (T,)
+
+
+# ------------------------------------------------------------------ where in the action the error is
+# The learnable head's failure (progress-head-fixes.md) is invisible in OGPE: a head stuck near 0.5
+# scores ~0.25 everywhere. These statistics look at the action's start, middle and end separately.
+# Inputs are the frames of N actions concatenated, `lengths` (N,) their lengths; every statistic is a
+# per-action mean first, then a mean over actions, so that long actions do not dominate.
+EARLY = (0.0, 0.1)  # relative position windows (inclusive) of progress_early / _mid / _end
+MID = (0.45, 0.55)
+END = (0.9, 1.0)
+
+
+def relative_position(lengths: Tensor) -> Tensor:
+    """Frame i of an action of L frames sits at i / (L - 1): the first frame at 0, the last at 1
+    (a 1-frame action's only frame is its end, 1). (N,) -> (sum L,) float64."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    action = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # (F,)
+    first = torch.cumsum(lengths, 0) - lengths  # (N,)
+    i = torch.arange(int(lengths.sum())) - first[action]
+    L = lengths[action]
+    return torch.where(L > 1, i.double() / (L - 1).clamp(min=1).double(), 1.0)
+
+
+def _per_action_means(values: Tensor, lengths: Tensor, group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Mean of `values` (F,) per (action, group) cell, group (F,) in [0, n_groups) or -1 (left out):
+    -> means (N, n_groups) and counts (N, n_groups)."""
+    N = lengths.numel()
+    action = torch.repeat_interleave(torch.arange(N), lengths)
+    keep = group >= 0
+    cell = (action * n_groups + group)[keep]
+    sums = torch.zeros(N * n_groups, dtype=torch.float64).index_add_(0, cell, values.double()[keep])
+    counts = torch.bincount(cell, minlength=N * n_groups).double()
+    return (sums / counts.clamp(min=1)).view(N, n_groups), counts.view(N, n_groups)
+
+
+def _mean_over_actions(means: Tensor, counts: Tensor) -> Tensor:
+    """(N, G) per-action means -> (G,) mean over the actions with frames in each group (NaN if none)."""
+    has = counts > 0
+    n = has.sum(0).double()
+    total = torch.where(has, means, 0.0).sum(0)
+    return torch.where(n > 0, total / n.clamp(min=1), float("nan"))
+
+
+def window_mean(values: Tensor, lengths: Tensor, window: tuple[float, float]) -> float:
+    """Mean over actions of the action's mean value at relative positions in `window` (inclusive);
+    actions without a frame there (too short) are left out. NaN if no action has one."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    r = relative_position(lengths)
+    group = torch.where((r >= window[0]) & (r <= window[1]), 0, -1)
+    return float(_mean_over_actions(*_per_action_means(torch.as_tensor(values), lengths, group, 1))[0])
+
+
+def calibration_bins(values: Tensor, lengths: Tensor, n_bins: int = 10) -> tuple[Tensor, Tensor]:
+    """Per relative-position bin [b / n, (b + 1) / n) (the last one closed), the mean over actions of
+    the action's mean value in the bin: -> (n_bins,) means (NaN for an empty bin) and (n_bins,) number
+    of actions with frames in the bin."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    group = (relative_position(lengths) * n_bins).long().clamp(max=n_bins - 1)
+    means, counts = _per_action_means(torch.as_tensor(values), lengths, group, n_bins)
+    return _mean_over_actions(means, counts), (counts > 0).sum(0)
+
+
+def monotonicity(values: Tensor, lengths: Tensor) -> float:
+    """Mean over actions of 2+ frames of the fraction of consecutive steps with values[t+1] >= values[t]
+    (1 for any non-decreasing curve; ~0.5 for noise). NaN if every action has one frame."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    values = torch.as_tensor(values)
+    if values.numel() < 2:
+        return float("nan")
+    action = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # (F,)
+    inside = action[1:] == action[:-1]  # (F - 1,) step t -> t+1 within one action: L - 1 per action
+    up = (values[1:] >= values[:-1])[inside]
+    means, counts = _per_action_means(up, lengths - 1, torch.zeros_like(action[1:][inside]), 1)
+    return float(_mean_over_actions(means, counts)[0])

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 
 FAMILY_MODULES = {
     "progress": "core.train.progress",
+    "slots": "core.train.slots",
+    "video": "core.train.video",
 }
 
 # logged by the shared loop for every family (core/train/loop.py)

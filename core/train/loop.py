@@ -4,10 +4,15 @@ A family supplies a `Task` (model, batches, losses, per-epoch evaluation); the l
 optimiser and schedule, zero_grad every step, gradient clipping, skipping non-finite or exploding
 batches, per-epoch validation, best/last checkpoints, exact resume and metric reporting. It knows
 nothing of launchers or sweeps: a reporter passed in may stop the run by raising `Pruned`.
+
+A stop request (`core.train.signals`, e.g. SLURM's USR2 before a time limit) ends the current batch,
+saves a mid-epoch `last.pt` and raises `Interrupted`; resuming from it continues inside the epoch and
+ends exactly where the uninterrupted run ends.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -22,6 +27,7 @@ from tqdm.auto import tqdm
 
 from core.atomic import atomic_write_text
 from core.train.checkpoint import load_checkpoint, save_checkpoint
+from core.train.signals import stop_requested
 
 
 class Pruned(Exception):
@@ -30,6 +36,16 @@ class Pruned(Exception):
 
 class TrainingFailed(RuntimeError):
     """The run cannot go on (too many skipped batches, non-finite parameters); the message says why."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (a signal: preemption, time limit, cancel); `checkpoint` holds the state to
+    resume from: `batch` batches of epoch `epoch` are done (0: the epoch has not started)."""
+
+    def __init__(self, reason: str, epoch: int, batch: int, checkpoint: Path) -> None:
+        self.reason, self.epoch, self.batch, self.checkpoint = reason, epoch, batch, checkpoint
+        where = f"after batch {batch} of epoch {epoch}" if batch else f"before epoch {epoch}"
+        super().__init__(f"stopped by {reason} {where}; saved {checkpoint}")
 
 
 class Reporter(Protocol):
@@ -41,7 +57,10 @@ class Task(Protocol):
 
     model: torch.nn.Module
 
-    def train_batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]: ...
+    def train_batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
+        """The epoch's batches; all draws from `generator` happen before the first batch is yielded
+        (the loop rebuilds a half-done epoch from the generator's state at its start)."""
+        ...
 
     def val_batches(self) -> Iterable[Any]: ...
 
@@ -131,12 +150,14 @@ class Trainer:
         self.best: dict[str, dict[str, float]] = {}
         self.skipped = 0
         self.start_epoch = 0
+        self.start_batch = 0  # batches of `start_epoch` already done by the run resumed from
+        self._partial: dict[str, Any] | None = None  # the half-done epoch of a mid-epoch checkpoint
         self.first_step_at: float | None = None  # wall clock of this process's first optimiser step
 
     # ------------------------------------------------------------------ state
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
-            "epoch": epoch,
+            "epoch": epoch,  # the last completed epoch (-1: none)
             "model": self.task.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -148,7 +169,10 @@ class Trainer:
         }
 
     def resume(self) -> bool:
-        """Restore everything from last.pt; the rest of the run then equals the uninterrupted one."""
+        """Restore everything from last.pt; the rest of the run then equals the uninterrupted one.
+
+        A checkpoint saved on a stop request also holds the half-done epoch ("partial": batches done,
+        skipped, their loss rows, the generator at the epoch's start and once its order was drawn)."""
         path = self.ckpt_dir / "last.pt"
         if not path.exists():
             return False
@@ -160,6 +184,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.history, self.best, self.skipped = state["history"], state["best"], state["skipped"]
         self.start_epoch = state["epoch"] + 1
+        self._partial = state.get("partial")
+        self.start_batch = self._partial["batches"] if self._partial else 0
         self._write_metrics()  # drop rows logged after the checkpoint by the interrupted run
         return True
 
@@ -169,26 +195,62 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ epochs
+    def _step(self, batch: Any, epoch: int) -> dict[str, float] | None:
+        """One optimiser step; the batch's losses, or None when it was skipped (non-finite, exploding)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.task.losses(batch, epoch, self.generator)
+        total = losses["total_loss"]
+        if not torch.isfinite(total) or total.item() > self.cfg.explode_threshold:
+            return None
+        total.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _remaining_batches(self, epoch: int, part: dict[str, Any]) -> Iterator[Any]:
+        """The batches of `epoch` not done yet. A resumed epoch is rebuilt from a copy of the generator
+        as it was at the epoch's start, minus its done batches; the live generator, restored from the
+        checkpoint, goes on with the draws of the losses exactly where the interrupted run stopped."""
+        if not part["batches"]:
+            return iter(self.task.train_batches(epoch, self.generator))
+        gen = torch.Generator().set_state(part["epoch_generator"])
+        batches = iter(self.task.train_batches(epoch, gen))
+        done = sum(1 for _ in itertools.islice(batches, part["batches"]))
+        if done < part["batches"] or not torch.equal(gen.get_state(), part["order_generator"]):
+            raise TrainingFailed(
+                f"cannot resume epoch {epoch} after batch {part['batches']} of {self.ckpt_dir / 'last.pt'}: "
+                f"the task's train_batches differ from the interrupted run's (other data, or draws "
+                f"from the generator after the first batch)"
+            )
+        return batches
+
     def _train_epoch(self, epoch: int, show: bool) -> dict[str, float]:
-        model, opt = self.task.model, self.optimizer
-        model.train()
-        rows: list[dict[str, float]] = []
-        n_batches = skipped = 0
-        for batch in _progress(self.task.train_batches(epoch, self.generator), f"epoch {epoch}", show):
-            n_batches += 1
-            opt.zero_grad(set_to_none=True)
-            losses = self.task.losses(batch, epoch, self.generator)
-            total = losses["total_loss"]
-            if not torch.isfinite(total) or total.item() > self.cfg.explode_threshold:
-                skipped += 1
-                continue
-            total.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-            opt.step()
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            rows.append({k: float(v.detach()) for k, v in losses.items()})
+        self.task.model.train()
+        part = self._partial or {
+            "epoch_generator": self.generator.get_state(),
+            "order_generator": None,  # the generator once the batch order is drawn
+            "batches": 0,
+            "skipped": 0,
+            "rows": [],
+        }
+        self._partial = None
+        for batch in _progress(self._remaining_batches(epoch, part), f"epoch {epoch}", show):
+            if part["order_generator"] is None:
+                part["order_generator"] = self.generator.get_state()
+            row = self._step(batch, epoch)
+            part["batches"] += 1
+            if row is None:
+                part["skipped"] += 1
+            else:
+                part["rows"].append(row)
+            if (reason := stop_requested()) is not None:
+                path = self.ckpt_dir / "last.pt"
+                save_checkpoint(path, {**self._state(epoch - 1), "partial": part})
+                raise Interrupted(reason, epoch, part["batches"], path)
+        n_batches, skipped = part["batches"], part["skipped"]
         self.skipped += skipped
         if n_batches and skipped / n_batches > self.cfg.max_skipped_fraction:
             raise TrainingFailed(
@@ -196,7 +258,7 @@ class Trainer:
                 f"(> {self.cfg.explode_threshold:g}); more than trainer.max_skipped_fraction="
                 f"{self.cfg.max_skipped_fraction}"
             )
-        out = _mean_losses(rows, "train")
+        out = _mean_losses(part["rows"], "train")
         out["train/skipped_batches"] = float(skipped)
         return out
 
@@ -226,6 +288,8 @@ class Trainer:
                 )
 
     def fit(self) -> FitResult:
+        """Train the remaining epochs. A stop request raises `Interrupted` once its checkpoint is saved
+        (none at the end of the last epoch: the run is complete); a reporter's `Pruned` ends the run."""
         show = self.cfg.progress_bar if self.cfg.progress_bar is not None else sys.stderr.isatty()
         status = "completed"
         for epoch in range(self.start_epoch, self.cfg.epochs):
@@ -246,4 +310,6 @@ class Trainer:
                 except Pruned:
                     status = "pruned"
                     break
+            if (reason := stop_requested()) is not None and epoch + 1 < self.cfg.epochs:
+                raise Interrupted(reason, epoch + 1, 0, self.ckpt_dir / "last.pt")
         return FitResult(self.history, self.best, status, self.skipped, self.first_step_at)

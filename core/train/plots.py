@@ -1,10 +1,12 @@
-"""Plots a person would rather look at than read: loss curves and predicted-vs-true progress."""
+"""Plots a person would rather look at than read: loss curves, predicted-vs-true progress, calibration."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -69,5 +71,35 @@ def plot_progress_curves(curves: list[ActionCurve], path: Path, title: str = "")
     axes.flat[0].legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_calibration(calibration: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Mean predicted vs true progress over relative position in the action (the evaluator's
+    `calibration` table), with the constant-0.5 and ramp baselines: where a head stuck near 0.5 fails
+    shows at the left end even when its OGPE looks acceptable."""
+    low, high = np.asarray(calibration["bin_low"]), np.asarray(calibration["bin_high"])
+    centre = (low + high) / 2
+
+    def values(key: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in calibration[key]], dtype=float)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(centre, values("true"), color="black", marker="o", ms=4, label="true")
+    ax.plot(centre, values("predicted"), color="tab:red", marker="o", ms=4, label="predicted")
+    ax.plot(centre, values("ramp"), color="gray", linestyle=":", marker=".", label="ramp baseline")
+    ax.plot(centre, values("const"), color="tab:blue", linestyle="--", label="constant 0.5 baseline")
+    ax.set(
+        xlabel="relative position in the action (bin centre)",
+        ylabel="mean progress over actions",
+        xlim=(0, 1),
+        ylim=(-0.05, 1.05),
+    )
+    ax.set_xticks(np.linspace(0, 1, len(low) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.atomic import atomic_write_json
 from core.data.features import DataError, load_feature_dataset
 from core.data.splits import Splits, load_splits, make_splits, save_splits, select
 from core.data.synthetic import make_procedure_dataset
@@ -18,10 +19,10 @@ from core.data.video import Video
 from core.losses.alignment import gtcc_loss, lav_loss, tcc_loss, vava_loss
 from core.losses.pairs import pad_sequences
 from core.losses.progress import cumulative_l2_progress_loss, learnable_progress_loss
-from core.metrics.progress_eval import ProgressEvaluator
+from core.metrics.progress_eval import METRIC_NAMES, ProgressEvaluator
 from core.models.encoder import MultiHeadModel, TemporalStacking
-from core.models.progress_head import ProgressHead
-from core.train.plots import plot_dual_losses, plot_progress_curves
+from core.models.progress_head import HEAD_KINDS, ProgressHead
+from core.train.plots import plot_calibration, plot_dual_losses, plot_progress_curves
 
 ALIGNMENT_LOSSES = {"tcc": tcc_loss, "gtcc": gtcc_loss, "lav": lav_loss, "vava": vava_loss}
 PROGRESS_METHODS = ("none", "cumulative_l2", "learnable")
@@ -51,9 +52,10 @@ def check_config(cfg: DictConfig) -> None:
         )
         need(p.start in ("random", "action_start"), "loss.progress.start must be 'random' or 'action_start'")
         need(p.loss in ("l1", "l2"), "loss.progress.loss must be 'l1' or 'l2'")
+        need(p.head.type in HEAD_KINDS, f"loss.progress.head.type must be one of {list(HEAD_KINDS)}")
         need(
-            p.head.use_gru or not p.fixes.learnable_h0,
-            "loss.progress.fixes.learnable_h0 needs a GRU head (loss.progress.head.use_gru=true)",
+            p.head.type != "transformer" or p.head.hidden_dim % p.head.heads == 0,
+            "loss.progress.head.hidden_dim must be divisible by loss.progress.head.heads",
         )
     need(cfg.data.kind in ("synthetic", "features"), "data.kind must be 'synthetic' or 'features'")
     need(
@@ -67,13 +69,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-EVAL_METRICS = (
-    "ogpe",
-    "ogpe_action",
-    "ogpe_action_cum",
-    "ogpe_action_baseline_const",
-    "ogpe_action_baseline_ramp",
-)
+EVAL_METRICS = METRIC_NAMES  # OGPE, baselines, early/mid/end progress, monotonicity
 
 
 def logged_metrics(cfg: DictConfig) -> set[str]:
@@ -163,10 +159,15 @@ def build_model(cfg: DictConfig, input_dim: int, num_tasks: int) -> ProgressMode
         head = ProgressHead(
             base.output_dim,
             p.head.hidden_dim,
-            use_gru=p.head.use_gru,
             position_encoding=p.fixes.position_encoding,
             learnable_h0=p.fixes.learnable_h0,
             delta_output=p.fixes.delta_targets,
+            # run dirs saved before head.type existed say use_gru
+            kind=p.head.get("type", "gru" if p.head.get("use_gru", True) else "mean"),
+            n_layers=p.head.get("layers"),
+            n_heads=p.head.get("heads", 4),
+            ff_dim=p.head.get("ff_dim"),
+            kernel_size=p.head.get("kernel_size", 3),
         )
     return ProgressModel(encoder, head)
 
@@ -303,6 +304,13 @@ class ProgressTask:
             result.curves,
             run_dir / "plots" / f"progress_{checkpoint}.png",
             title=f"{self.cfg.experiment_name}: predicted vs true progress ({checkpoint})",
+        )
+        # the test split's predictions binned over relative position: where the early-frame failure shows
+        atomic_write_json(run_dir / "eval" / f"calibration_{checkpoint}.json", result.calibration)
+        plot_calibration(
+            result.calibration,
+            run_dir / "plots" / f"calibration_{checkpoint}.png",
+            title=f"{self.cfg.experiment_name}: calibration over relative position ({checkpoint})",
         )
         return metrics
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json, atomic_write_text
 from core.train.checkpoint import load_checkpoint
+from core.train.distributed import context_from_env
 from core.train.families import family_module
 from core.train.loop import Reporter, Task, Trainer, TrainerConfig
 
@@ -83,6 +84,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+def gpus_used(device: torch.device) -> int:
+    """GPUs this run occupies (all ranks of a data-parallel run), for GPU-hours in the tables."""
+    return context_from_env().world_size if device.type == "cuda" else 0
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +145,7 @@ def run_experiment(
         "run_dir": str(run_dir),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "environment": environment(),
+        "environment": {**environment(), "gpus": gpus_used(task.device)},
     }
     atomic_write_json(run_dir / "summary.json", summary)
     t0 = time.perf_counter()

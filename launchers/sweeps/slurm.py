@@ -13,22 +13,26 @@ command line) and are validated before anything is submitted:
 
 Every value reaches sbatch as a submitit parameter (which quotes it); only `setup` is shell text, by
 design: the sweep file's author writes those lines as they would in an sbatch script.
+
+The job accounting half (`exit_reason`, `sacct_states`, `job_states`) tells why a worker's job ended -
+preempted, timeout, out-of-memory, crash, node failure, cancelled - for the lease recovery and
+`ablate status`. Each pass asks squeue/sacct once for all its jobs, and everything works (without
+reasons) where there are no such commands.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
-
-from launchers.sweeps.local import record_jobs
-from launchers.sweeps.worker import run_worker
 
 DEFAULT_TIME_MIN = 24 * 60  # submitit's own default (5 min) would kill a worker mid-sweep
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize
@@ -157,6 +161,10 @@ def max_array_size() -> int:
 def submit_slurm_workers(sweep_dir: Path, n: int, resources: Mapping[str, Any]) -> list[submitit.Job]:
     """Submit `n` workers for the sweep in `sweep_dir` as job arrays (split at MaxArraySize); `resources`
     come from `slurm_resources`. Job ids ("<array>_<task>") are recorded in jobs.json."""
+    # imported here: the worker and the study import this module's job accounting
+    from launchers.sweeps.local import record_jobs
+    from launchers.sweeps.worker import run_worker
+
     sweep_dir = Path(sweep_dir).resolve()  # the job's working directory may differ
     executor = submitit.AutoExecutor(folder=sweep_dir / "workers", cluster="slurm")
     executor.update_parameters(name=f"ablate-{sweep_dir.name}", **resources)
@@ -169,3 +177,142 @@ def submit_slurm_workers(sweep_dir: Path, n: int, resources: Mapping[str, Any]) 
         jobs += executor.map_array(run_worker, [sweep_dir] * len(chunk), chunk)
     record_jobs(sweep_dir, "slurm", stamp, jobs, names)
     return jobs
+
+
+# ---------------------------------------------------------------------------------- job accounting
+QUERY_TIMEOUT_S = 30  # a controller that does not answer must not hang `ablate status` or a worker
+REQUEUE_STATES = frozenset({"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})  # stopped; will run again
+PENDING_STATES = REQUEUE_STATES | {"PENDING", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+RUNNING_STATES = frozenset(
+    {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
+)
+ENDED_STATES = {  # sacct's State of an ended job -> its exit reason
+    "COMPLETED": "completed",
+    "PREEMPTED": "preempted",
+    "TIMEOUT": "timeout",
+    "DEADLINE": "timeout",
+    "OUT_OF_MEMORY": "out-of-memory",
+    "NODE_FAIL": "node-failure",
+    "BOOT_FAIL": "node-failure",
+    "CANCELLED": "cancelled",
+    "REVOKED": "cancelled",
+    "FAILED": "crash",
+}
+SIGKILL = 9
+
+
+def _exit_status(exit_code: str) -> tuple[int, int]:
+    """sacct's ExitCode "code:signal" -> (code, signal); (0, 0) when there is none."""
+    m = re.fullmatch(r"(\d+):(\d+)", exit_code.strip())
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def exit_reason(state: str, exit_code: str) -> str:
+    """Why a job ended, from sacct's State and ExitCode ("code:signal"): completed, preempted, timeout,
+    out-of-memory, node-failure, cancelled, crash, requeued (stopped, to run again) or unknown (a
+    state not listed here); "" while it has not ended.
+
+    A FAILED job killed by SIGKILL (a shell's exit 137; Slurm records 9:0 or 0:9) counts as
+    out-of-memory: Slurm's own kills come with their own states (CANCELLED, TIMEOUT, PREEMPTED), so
+    what is left is, as a rule, the kernel's OOM killer on a node without memory cgroups."""
+    name = state.split(" ")[0].upper()  # "CANCELLED by 1000"
+    code, sig = _exit_status(exit_code)
+    if name in REQUEUE_STATES:
+        return "requeued"
+    if name in PENDING_STATES or name in RUNNING_STATES:
+        return ""
+    if name == "FAILED" and (code in (SIGKILL, 128 + SIGKILL) or sig == SIGKILL):
+        return "out-of-memory"
+    if name == "COMPLETED" and (code or sig):
+        return "crash"
+    return ENDED_STATES.get(name, "unknown")
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One job (or array task) as squeue or sacct see it now."""
+
+    job_id: str  # "<array id>_<task id>" for an array task
+    state: str  # RUNNING, TIMEOUT, CANCELLED (sacct's "CANCELLED by <uid>" loses the uid), ...
+    exit_code: str  # "code:signal"; "" from squeue (a live job has none)
+    reason: str  # Slurm's reason: why it is pending, why its node failed; "" for None
+    start: float | None  # when its current run started (epoch seconds); None before that
+
+    @property
+    def exit_reason(self) -> str:
+        return exit_reason(self.state, self.exit_code)
+
+    @property
+    def phase(self) -> str:
+        """pending, running, completed or failed (ended any other way)."""
+        if self.state in PENDING_STATES:
+            return "pending"
+        if self.state in RUNNING_STATES:
+            return "running"
+        return "completed" if self.exit_reason == "completed" else "failed"
+
+    def describe(self) -> str:
+        """The job for a person: its exit code once it ended, else why it waits (sacct keeps the last
+        pending reason of ended jobs too), e.g. `slurm job 123_4 TIMEOUT (exit 0:15)`."""
+        ended = self.phase in ("completed", "failed")
+        details = f"exit {self.exit_code}" if ended and self.exit_code else "" if ended else self.reason
+        return f"slurm job {self.job_id} {self.state}" + (f" ({details})" if details else "")
+
+
+def current_job_id() -> str | None:
+    """The SLURM job this process runs in, as squeue and sacct name it ("<array>_<task>" for an array
+    task); None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _query(command: list[str], wanted: set[str], columns: tuple[str, ...]) -> dict[str, JobState]:
+    """Run a `--parsable2`-style query over the arrays/jobs of `wanted` and keep the rows of `wanted`;
+    {} when the command is missing, fails (squeue fails when none of the jobs is live) or hangs."""
+    ids = ",".join(sorted({job_id.split("_")[0] for job_id in wanted}))  # a whole array at once
+    try:
+        out = subprocess.run(
+            [*command, ids],
+            capture_output=True,
+            text=True,
+            timeout=QUERY_TIMEOUT_S,
+            check=True,
+            env={**os.environ, "SLURM_TIME_FORMAT": "%s"},  # times as epoch seconds
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        row = dict(zip(columns, line.split("|"), strict=False))
+        if row.get("job_id") not in wanted:  # steps, other tasks, pending ranges like 12_[3-9]
+            continue
+        start = row.get("start", "")
+        states[row["job_id"]] = JobState(
+            job_id=row["job_id"],
+            state=row.get("state", "").split(" ")[0],
+            exit_code=row.get("exit_code", ""),
+            reason="" if row.get("reason") in (None, "None") else row["reason"],
+            start=float(start) if start.isdigit() else None,
+        )
+    return states
+
+
+def sacct_states(job_ids: Iterable[str]) -> dict[str, JobState]:
+    """State, exit code and reason of each job from the accounting database, in one sacct call; jobs
+    it does not know (sacct lags a moment behind, or there is no accounting) are left out."""
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    command = ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,State,ExitCode,Reason,Start", "-j"]
+    return _query(command, wanted, ("job_id", "state", "exit_code", "reason", "start"))
+
+
+def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
+    """The current state of each job: squeue for live ones, sacct for those squeue no longer lists
+    (one call each); jobs neither knows are left out."""
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    command = ["squeue", "--noheader", "--array", "-o", "%i|%T|%r|%S", "-j"]
+    live = _query(command, wanted, ("job_id", "state", "reason", "start"))
+    return {**sacct_states(wanted - live.keys()), **live}

@@ -10,7 +10,8 @@ here: a claimed trial carries a heartbeat (a trial system attr). A RUNNING trial
 older than `timeout_s` belonged to a dead worker; the process whose RUNNING -> FAIL transition
 succeeds (only one can) re-enqueues the same params, seed and trial key with attempt + 1, and the
 retry resumes from the run dir's last checkpoint. Heartbeats are wall-clock times, so the hosts of
-one sweep need clocks in sync to well below `timeout_s`.
+one sweep need clocks in sync to well below `timeout_s`. A trial claimed inside a SLURM job records
+the job id, so that a lost trial's failure says why its job ended (sacct: timeout, preempted, ...).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import atomic_write_json
+from launchers.sweeps.slurm import JobState, sacct_states
 from launchers.sweeps.spec import ParamSpec, SweepError, SweepSpec, trial_key
 
 HEARTBEAT_ATTR = "ablate:heartbeat"  # trial system attr: time.time() of the last heartbeat
@@ -168,6 +170,8 @@ class TrialRecord:
     attempt: int
     reason: str | None  # why it failed
     run_dir: Path | None
+    slurm_job: str | None  # the SLURM job that claimed it ("<array>_<task>")
+    exit_reason: str | None  # why that job ended, when the trial was lost or given back (timeout, ...)
 
 
 class SweepStudy:
@@ -230,8 +234,9 @@ class SweepStudy:
         )
 
     # ------------------------------------------------------------------ claims
-    def claim(self, worker: str) -> Claim | None:
-        """Atomically take a WAITING trial (after recovering trials of dead workers); None if none."""
+    def claim(self, worker: str, slurm_job: str | None = None) -> Claim | None:
+        """Atomically take a WAITING trial (after recovering trials of dead workers); None if none.
+        `slurm_job`: the claiming worker's SLURM job id, recorded on the trial."""
         self.recover_stale()
         for frozen in self.storage.get_all_trials(
             self.study_id, deepcopy=False, states=(TrialState.WAITING,)
@@ -242,13 +247,13 @@ class SweepStudy:
             except UpdateFinishedTrialError:
                 continue
             try:
-                return self._start(frozen._trial_id, frozen.number, worker)
+                return self._start(frozen._trial_id, frozen.number, worker, slurm_job)
             except Exception as exc:
                 self._fail(frozen._trial_id, f"claim failed: {type(exc).__name__}: {exc}")
                 raise
         return None
 
-    def _start(self, trial_id: int, number: int, worker: str) -> Claim:
+    def _start(self, trial_id: int, number: int, worker: str, slurm_job: str | None) -> Claim:
         spec = self.spec
         # a fresh sampler per trial: concurrent claims draw differently, a trial's draw is reproducible
         sampler = self._shared_sampler or spec.make_sampler(_stable_int(spec.name, number))
@@ -268,6 +273,8 @@ class SweepStudy:
         for name, value in {"trial_key": key, "seed": seed, "worker": worker, "attempt": attempt}.items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("claimed_at", time.time())
+        if slurm_job is not None:
+            trial.set_user_attr("slurm_job", slurm_job)
         claim = Claim(
             trial=trial,
             trial_id=trial_id,
@@ -289,38 +296,48 @@ class SweepStudy:
     # ------------------------------------------------------------------ leases and retries
     def recover_stale(self, now: float | None = None) -> list[int]:
         """Fail RUNNING trials without a heartbeat for `timeout_s` and re-enqueue them (within
-        `max_retries`); returns the numbers of the trials this call failed."""
+        `max_retries`); returns the numbers of the trials this call failed. The failure says why the
+        trial's SLURM job ended, from one sacct call for all of them (none when nothing is stale)."""
         now = time.time() if now is None else now
+        running = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        ages = [(t, now - _last_beat(t)) for t in running]
+        stale = [(t, age) for t, age in ages if age > self.spec.timeout_s]
+        jobs = sacct_states(t.user_attrs["slurm_job"] for t, _ in stale if "slurm_job" in t.user_attrs)
         recovered = []
-        for frozen in self.storage.get_all_trials(
-            self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
-        ):
-            age = now - _last_beat(frozen)
-            if age <= self.spec.timeout_s:
-                continue
-            worker = frozen.user_attrs.get("worker", "?")
-            reason = f"worker lost: no heartbeat for {age:.0f} s (worker {worker})"
-            if self._fail_and_retry(frozen, reason, limited=True):
+        for frozen, age in stale:
+            reason, attrs = lost_reason(frozen, age, jobs)
+            if self._fail_and_retry(frozen, reason, limited=True, attrs=attrs):
                 recovered.append(frozen.number)
         return recovered
 
     def requeue(self, claim: Claim, reason: str) -> bool:
         """Give back a trial this worker cannot finish (interrupted, preempted): FAIL it and enqueue
-        its retry at once, whatever `max_retries` says (the retry resumes, so it makes progress)."""
-        return self._fail_and_retry(self.storage.get_trial(claim.trial_id), reason, limited=False)
+        its retry at once, whatever `max_retries` says (the retry resumes, so it makes progress).
+        Where sacct already says how the worker's SLURM job ends (a cancel, a time limit: Slurm
+        records it before it signals), the failure says so too; submitit's USR2 ahead of a time
+        limit finds the job still RUNNING and adds nothing."""
+        frozen = self.storage.get_trial(claim.trial_id)
+        job_id = frozen.user_attrs.get("slurm_job")
+        what, why = job_outcome(frozen.user_attrs, sacct_states([job_id] if job_id else []))
+        reason, attrs = (f"{reason}: {what}", {"exit_reason": why}) if why else (reason, {})
+        return self._fail_and_retry(frozen, reason, limited=False, attrs=attrs)
 
-    def _fail(self, trial_id: int, reason: str) -> bool:
-        """RUNNING -> FAIL with `reason`; False if the trial had already finished (another process won)."""
+    def _fail(self, trial_id: int, reason: str, attrs: dict[str, Any] | None = None) -> bool:
+        """RUNNING -> FAIL with `reason` (and user `attrs`); False if the trial had already finished
+        (another process won)."""
         try:
-            self.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            for name, value in {**(attrs or {}), "fail_reason": reason}.items():
+                self.storage.set_trial_user_attr(trial_id, name, value)
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             return False
         return True
 
-    def _fail_and_retry(self, frozen: FrozenTrial, reason: str, limited: bool) -> bool:
+    def _fail_and_retry(
+        self, frozen: FrozenTrial, reason: str, limited: bool, attrs: dict[str, Any] | None = None
+    ) -> bool:
         # only the process whose FAIL transition succeeds enqueues: one retry however many noticed
-        if not self._fail(frozen._trial_id, reason):
+        if not self._fail(frozen._trial_id, reason, attrs):
             return False
         attempt = int(frozen.user_attrs.get("attempt", 1))
         if limited and attempt >= self.spec.max_retries + 1:
@@ -373,6 +390,8 @@ class SweepStudy:
                     attempt=int(attrs.get("attempt", 1)),
                     reason=attrs.get("fail_reason") if t.state == TrialState.FAIL else None,
                     run_dir=self.sweep_dir / "trials" / key if key else None,
+                    slurm_job=attrs.get("slurm_job"),
+                    exit_reason=attrs.get("exit_reason"),
                 )
             )
         return records
@@ -381,6 +400,30 @@ class SweepStudy:
         """(waiting, running) trials."""
         states = [t.state for t in self.storage.get_all_trials(self.study_id, deepcopy=False)]
         return states.count(TrialState.WAITING), states.count(TrialState.RUNNING)
+
+
+def job_outcome(attrs: dict[str, Any], jobs: dict[str, JobState]) -> tuple[str, str]:
+    """What Slurm says of the job that claimed a trial (its user `attrs`): a description for the
+    failure reason ("" outside SLURM) and why the job ended ("" when it is unknown: no accounting,
+    or as far as Slurm knows it still runs: a stalled worker, or Slurm has not noticed yet)."""
+    job_id = attrs.get("slurm_job")
+    if job_id is None:
+        return "", ""
+    job = jobs.get(job_id)
+    if job is None:
+        return f"slurm job {job_id} (state unknown: no sacct, or it lags)", ""
+    if not job.exit_reason and job.start is not None and job.start > attrs.get("claimed_at", math.inf):
+        # live again, started after the claim: stopped and requeued, the trial's run is gone
+        return f"{job.describe()} again after a requeue", "requeued"
+    return job.describe(), job.exit_reason
+
+
+def lost_reason(frozen: FrozenTrial, age: float, jobs: dict[str, JobState]) -> tuple[str, dict[str, Any]]:
+    """The failure reason of a trial whose worker stopped beating, and the user attrs that say why
+    its SLURM job ended (see `job_outcome`)."""
+    reason = f"worker lost: no heartbeat for {age:.0f} s (worker {frozen.user_attrs.get('worker', '?')})"
+    what, why = job_outcome(frozen.user_attrs, jobs)
+    return (f"{reason}: {what}" if what else reason), ({"exit_reason": why} if why else {})
 
 
 def _last_beat(frozen: FrozenTrial) -> float:

@@ -4,6 +4,10 @@ Any number of workers, on any hosts that share the sweep dir (and the storage), 
 A worker leaves when nothing is waiting and no other worker still runs a trial: while others run, it
 lingers, so that a trial whose worker died is recovered (after the lease timeout) and re-run here.
 
+A stop signal (submitit's USR2 before a SLURM time limit or at preemption, SIGTERM) stops the running
+trial after its current batch with a mid-epoch checkpoint and gives it back to the queue (same key,
+run dir and wandb run); a job stopped at a time limit or preempted is then requeued and drains on.
+
     python -m launchers.sweeps.worker SWEEP_DIR --worker NAME
 """
 
@@ -13,23 +17,27 @@ import argparse
 import importlib
 import math
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import submitit
 import torch
 from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
-from submitit.core.utils import UncompletedJobError
 
-from core.train.loop import Pruned
+from core.train.loop import Interrupted, Pruned
 from core.train.run import run_experiment
+from core.train.signals import stop_on_signals, stop_requested
 from launchers.config import compose_experiment
+from launchers.sweeps.slurm import current_job_id
 from launchers.sweeps.study import Claim, SweepStudy
 from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
@@ -110,12 +118,18 @@ def _tags(cfg: DictConfig, claim: Claim) -> list[str]:
     return [*cfg.logger.tags, *(f"{k}={v}" for k, v in claim.params.items())]
 
 
+def trial_threads(cfg: DictConfig) -> int:
+    """torch intra-op threads for a trial: the config's trainer.num_threads, else the CPUs SLURM gave
+    this task (torch would take every core of a node that other tasks share), else 1 (local workers
+    share the machine's cores)."""
+    return int(cfg.trainer.num_threads or os.environ.get("SLURM_CPUS_PER_TASK") or 1)
+
+
 def _train(study: SweepStudy, claim: Claim, lease: Lease) -> dict[str, Any]:
     """Compose the trial's config and train it (resuming its run dir); returns the run summary."""
     spec = study.spec
     cfg = compose_experiment(spec.experiment, claim.overrides)
-    # several workers share the CPU: one intra-op thread each unless the trial asks for more
-    torch.set_num_threads(cfg.trainer.num_threads or 1)
+    torch.set_num_threads(trial_threads(cfg))
     reporters: list[Any] = [ConsoleReporter(cfg.trainer.epochs)]
     wandb_reporter = None
     summary: dict[str, Any] = {}
@@ -136,7 +150,8 @@ def _train(study: SweepStudy, claim: Claim, lease: Lease) -> dict[str, Any]:
 
 
 def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
-    """Run one claimed trial to its end and record it; returns the state it ended in (or LOST)."""
+    """Run one claimed trial to its end and record it; returns the state it ended in (or LOST, or
+    INTERRUPTED when a stop signal made it give the trial back)."""
     metric = study.spec.metric
     log(worker, f"trial {claim.number} (attempt {claim.attempt}) {claim.key}: {' '.join(claim.overrides)}")
     with Lease(study, claim, worker) as lease:
@@ -145,9 +160,14 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
         except LeaseLost as exc:
             log(worker, f"trial {claim.number} abandoned: {exc}")
             return "LOST"
-        except (KeyboardInterrupt, UncompletedJobError):
-            # Ctrl-C, SIGTERM, or submitit's USR2 at a SLURM time limit / preemption: the trial goes
-            # back to the queue at once and its retry resumes from the last checkpoint
+        except Interrupted as exc:
+            # a stop signal (see run_worker): the trial saved a checkpoint, its retry resumes from it
+            study.requeue(claim, f"interrupted: {exc} (worker {worker})")
+            log(worker, f"trial {claim.number} given back: {exc}")
+            return "INTERRUPTED"
+        except KeyboardInterrupt:
+            # Ctrl-C (submitit's local cancel sends SIGINT): the trial goes back to the queue at once and
+            # its retry resumes from the last epoch checkpoint
             study.requeue(claim, f"worker interrupted (worker {worker})")
             raise
         except Exception as exc:  # a bad config, a diverged run...: a real failure, not retried
@@ -165,9 +185,80 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
     return state.name
 
 
+# submitit's stop signal: sbatch's `--signal=USR2@signal_delay_s` before a time limit (and at preemption)
+PREEMPT_SIGNAL = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+STOP_SIGNALS = (PREEMPT_SIGNAL, signal.SIGTERM)
+
+
+class WorkerStopped(Exception):
+    """A stop signal ended this worker and its job is not requeued (a cancel, or no work for it)."""
+
+
+def _slurm_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` fields of `job_id` ({} when scontrol fails)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def job_after_stop(reason: str) -> str:
+    """What should become of this worker's job after a stop by `reason`: "requeue" (submitit's signal,
+    or SIGTERM at a SLURM time limit: the job should go on), "requeued" (SLURM requeues it itself:
+    `scontrol requeue`, preemption in REQUEUE mode) or "end" (a cancel, a process outside submitit)."""
+    executor, job_id = os.environ.get("SUBMITIT_EXECUTOR"), current_job_id()
+    if executor == "slurm" and job_id is not None:
+        # Slurm updates the job before it signals it: a requeue has already counted its restart; a
+        # cancel and a time limit both read COMPLETING and differ by their reason
+        job = _slurm_job(job_id)
+        if int(job.get("Restarts") or 0) > int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+            return "requeued"
+        return "requeue" if reason == PREEMPT_SIGNAL.name or job.get("Reason") == "TimeLimit" else "end"
+    return "requeue" if executor is not None and reason == PREEMPT_SIGNAL.name else "end"
+
+
+def _leave(study: SweepStudy, worker: str, reason: str, ran: int) -> NoReturn:
+    """End this worker after a stop by `reason` (a trial it was running is already back in the queue).
+
+    Its job is requeued when it should go on (`job_after_stop`), trials are waiting, and it ran one in
+    this run: each run then makes progress, so unlike submitit's max_num_timeout there is no cap to
+    end a long sweep early, and a time limit too short to reach a claim cannot requeue forever. The
+    requeued job runs this worker again. Requeued, it exits without a result, as submitit does."""
+    fate = job_after_stop(reason)
+    waiting, _ = study.remaining_work()
+    if fate == "requeue" and ran and waiting:
+        env = submitit.JobEnvironment()
+        log(worker, f"stopped by {reason}: requeueing job {env.job_id} for {waiting} waiting trial(s)")
+        try:
+            env._requeue(0)  # SLURM: scontrol requeue; local executor: exits with its requeue code
+        except subprocess.SubprocessError as exc:
+            raise WorkerStopped(f"stopped by {reason}; requeueing the job failed: {exc}") from exc
+        fate = "requeued"
+    if fate == "requeued":
+        sys.exit(f"{worker}: stopped by {reason}; the job is requeued and will go on with the sweep")
+    if fate == "end":
+        why = "not at a time limit or preemption"
+    elif not ran:
+        why = "it ran no trial since it started (a time limit shorter than the signal delay?)"
+    else:
+        why = "no trial is waiting"
+    raise WorkerStopped(f"stopped by {reason}; the job is not requeued: {why}")
+
+
 def run_worker(sweep_dir: Path, worker: str) -> int:
-    """Drain the sweep in `sweep_dir`; returns the number of trials this worker ran."""
-    study = SweepStudy.open(Path(sweep_dir))
+    """Drain the sweep in `sweep_dir`; returns the number of trials this worker ran.
+
+    USR2 and SIGTERM stop it cleanly: the running trial checkpoints after its current batch and goes
+    back to the queue, then `_leave` requeues the job or raises WorkerStopped."""
+    with stop_on_signals(STOP_SIGNALS):
+        return _drain(Path(sweep_dir), worker)
+
+
+def _drain(sweep_dir: Path, worker: str) -> int:
+    study = SweepStudy.open(sweep_dir)
     torch.set_num_threads(1)
     importlib.import_module(
         "torch._dynamo"
@@ -175,9 +266,11 @@ def run_worker(sweep_dir: Path, worker: str) -> int:
 
     ran = 0
     while True:
+        if (stop := stop_requested()) is not None:
+            _leave(study, worker, stop, ran)
         for trial in study.recover_stale():
             log(worker, f"trial {trial}: its worker is lost (no heartbeat); failed and re-enqueued")
-        claim = study.claim(worker)
+        claim = study.claim(worker, slurm_job=current_job_id())
         if claim is not None:
             run_trial(study, claim, worker)
             ran += 1
@@ -190,10 +283,6 @@ def run_worker(sweep_dir: Path, worker: str) -> int:
         time.sleep(min(study.spec.heartbeat_s, 1.0) if waiting == 0 else 0.1)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run trials of a sweep until none is left.")
     p.add_argument("sweep_dir", type=Path)
@@ -201,10 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "--worker", default=f"{socket.gethostname()}-{os.getpid()}", help="name shown in the study"
     )
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # a terminated worker gives its trial back at once
     try:
         run_worker(args.sweep_dir, args.worker)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, WorkerStopped) as exc:
         log(args.worker, f"interrupted ({exc or 'Ctrl-C'})")
         return 130
     return 0
