@@ -51,12 +51,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     the current batch with a mid-epoch checkpoint: it prints the command that resumes it (the same
     overrides with --run-dir) and exits with EXIT_INTERRUPTED, distinct from success and failure so
     that a job script can requeue itself."""
+    from core.train.distributed import context_from_env
     from core.train.loop import Interrupted
     from core.train.run import build_task, run_experiment  # torch import only when a run is asked for
     from core.train.signals import stop_on_signals
     from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
     cfg = compose_experiment(args.experiment, args.overrides)
+    main_rank = context_from_env().is_main  # a data-parallel launch (torchrun, SLURM tasks): rank 0 speaks
     if args.run_dir:
         run_dir = Path(args.run_dir)
         saved = run_dir / "config.yaml"
@@ -72,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     wandb_reporter = None
     summary: dict = {}
     try:
-        if cfg.logger.enabled:
+        if cfg.logger.enabled and main_rank:
             wandb_reporter = WandbReporter(
                 cfg, run_dir, group=args.experiment, job_type=cfg.family, tags=list(cfg.logger.tags)
             )
@@ -89,8 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             wandb_reporter.finish(
                 summary, exit_code=0 if summary.get("status") in ("completed", "pruned") else 1
             )
-    _print_summary(summary)
-    print(run_dir)
+    if main_rank:
+        _print_summary(summary)
+        print(run_dir)
     return EXIT_OK
 
 

@@ -27,6 +27,13 @@ class ConfigError(ValueError):
 _MISSING = object()
 
 
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` exists, also when its value is still missing (`???`, e.g. data.root of a loader)."""
+    parent_key, _, last = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=_MISSING) if parent_key else cfg
+    return isinstance(parent, DictConfig) and last in parent.keys()  # noqa: SIM118 (`in` skips ??? values)
+
+
 def config_dir() -> Path:
     env = os.environ.get("ABLATE_CONFIG_DIR")
     return Path(env) if env else Path(__file__).resolve().parents[1] / "experiments"
@@ -99,7 +106,7 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
     keys = flat_keys(base)
     for ov in value_overrides:
         key = ov.key_or_group
-        if OmegaConf.select(base, key, default=_MISSING) is _MISSING:
+        if not _has_key(base, key):
             groups_hint = (
                 f" Config groups: {', '.join(groups)}."
                 if "/" in key or key in {g.split("/")[0] for g in groups}

@@ -41,12 +41,18 @@ def _synced(path: Path) -> bool:
 
 
 def offline_runs(folder: Path) -> list[OfflineRun]:
-    """Every offline wandb run under `folder`, in path order (a run's resumptions in time order)."""
-    return [
-        OfflineRun(path=path, run_id=path.name.rsplit("-", 1)[-1], synced=_synced(path))
-        for path in sorted(Path(folder).rglob("offline-run-*"))
-        if path.parent.name == "wandb" and any(path.glob("run-*.wandb"))
-    ]
+    """Every offline wandb run under `folder`, in path order (a run's resumptions in time order).
+
+    The run id is read from the folder's `run-<id>.wandb` file, not from the folder name: two starts in
+    the same second get `offline-run-<time>-<id>-1`."""
+    found = []
+    for path in sorted(Path(folder).rglob("offline-run-*")):
+        logs = sorted(path.glob("run-*.wandb"))
+        if path.parent.name == "wandb" and logs:
+            found.append(
+                OfflineRun(path=path, run_id=logs[0].name[len("run-") : -len(".wandb")], synced=_synced(path))
+            )
+    return found
 
 
 def wandb_logged_in() -> bool:

@@ -53,6 +53,9 @@ BAD = [
     (["progress_learnable", "data.batch_size=1"], "data.batch_size"),
     (["progress_learnable", "trainer.epochs=["], "parse"),
     (["progress_learnable", "data=features", "data.root=/nonexistent/dir"], "data.root"),
+    # a key whose default is missing (???) can be set: the error is about the folder, not the key
+    (["slots", "data=frame_folder", "data.root=/nonexistent/dir"], "'/nonexistent/dir': no such directory"),
+    (["video_two_stream", "data=bridge", "data.root=/nonexistent/dir"], "/nonexistent/dir"),
 ]
 
 

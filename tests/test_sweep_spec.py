@@ -338,7 +338,12 @@ def test_bad_sweep_file_names_file_and_key(tmp_path, doc, culprit):
 
 @pytest.mark.parametrize(
     ("override", "culprit"),
-    [("serach.n_trials=4", "serach"), ("lease.timeout=3", "lease.timeout"), ("workers", "workers")],
+    [
+        ("serach.n_trials=4", "serach"),
+        ("lease.timeout=3", "lease.timeout"),
+        ("workers", "workers"),
+        ("overrides=[data.split_fractions=[0.5,0.5]]", "overrides"),  # unquoted nested list: bad YAML
+    ],
 )
 def test_bad_sweep_override_names_the_key(tmp_path, override, culprit):
     with pytest.raises(SweepError, match=re.escape(culprit)) as info:

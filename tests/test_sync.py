@@ -96,3 +96,13 @@ def test_credentials_are_found_without_asking_the_server(tmp_path, logged_out, m
 def test_unknown_target_exits_2(tmp_path, capsys):
     assert main(["sync", "nope", "--root", str(tmp_path)]) == 2
     assert "nope: neither a folder nor a sweep" in capsys.readouterr().err
+
+
+def test_run_id_comes_from_the_run_file_not_the_folder_name(root, tmp_path):
+    """wandb names a second start within the same second `offline-run-<time>-<id>-1`."""
+    import shutil
+
+    (first, *_) = offline_runs(root / "sweeps" / "tiny" / "trials" / "b")
+    copy = tmp_path / "wandb" / f"{first.path.name}-1"
+    shutil.copytree(first.path, copy)
+    assert [r.run_id for r in offline_runs(tmp_path)] == [first.run_id]

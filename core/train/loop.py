@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from core.atomic import atomic_write_text
 from core.train.checkpoint import load_checkpoint, save_checkpoint
+from core.train.distributed import SINGLE, DistContext, any_rank, average_gradients, mean_over_ranks
 from core.train.signals import stop_requested
 
 
@@ -100,8 +101,12 @@ class FitResult:
     first_step_at: float | None
 
 
-def _make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(task: Task, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """A task with per-module learning rates supplies `param_groups()`; otherwise one group at trainer.lr."""
+    if hasattr(task, "param_groups"):
+        params: list[Any] = task.param_groups()
+    else:
+        params = [p for p in task.model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -109,8 +114,13 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.O
     raise ValueError(f"trainer.optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch multiplier: linear warmup then cosine to 0, or constant."""
+def _make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainerConfig, task: Task
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch multiplier of every group's lr: the task's `lr_factor(epoch)` when it has its own schedule,
+    else linear warmup then cosine to 0, or constant."""
+    if hasattr(task, "lr_factor"):
+        return torch.optim.lr_scheduler.LambdaLR(opt, task.lr_factor)
 
     def factor(epoch: int) -> float:
         if epoch < cfg.warmup_epochs:
@@ -137,14 +147,27 @@ def _progress(items: Iterable[Any], desc: str, enabled: bool) -> Iterator[Any]:
 
 
 class Trainer:
-    """Runs `task` for `cfg.epochs` in `run_dir`, resuming from `checkpoints/last.pt` when present."""
+    """Runs `task` for `cfg.epochs` in `run_dir`, resuming from `checkpoints/last.pt` when present.
 
-    def __init__(self, task: Task, cfg: TrainerConfig, run_dir: Path, reporter: Reporter | None = None):
-        self.task, self.cfg, self.run_dir, self.reporter = task, cfg, Path(run_dir), reporter
+    Data parallel when `dist` has several ranks: each rank steps on `task.shard_batch(batch, rank, world)`,
+    gradients are averaged before the (identical) optimiser steps, and only rank 0 writes and reports."""
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainerConfig,
+        run_dir: Path,
+        reporter: Reporter | None = None,
+        dist: DistContext = SINGLE,
+    ):
+        self.task, self.cfg, self.run_dir, self.reporter, self.dist = task, cfg, Path(run_dir), reporter, dist
+        if dist.enabled and not hasattr(task, "shard_batch"):
+            raise TrainingFailed(f"{type(task).__name__} has no shard_batch(): it cannot train data-parallel")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.optimizer = _make_optimizer(task.model, cfg)
-        self.scheduler = _make_scheduler(self.optimizer, cfg)
+        self.optimizer = _make_optimizer(task, cfg)
+        self.scheduler = _make_scheduler(self.optimizer, cfg, task)
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.history: list[dict[str, float]] = []
         self.best: dict[str, dict[str, float]] = {}
@@ -189,26 +212,36 @@ class Trainer:
         self._write_metrics()  # drop rows logged after the checkpoint by the interrupted run
         return True
 
+    def _save(self, path: Path, state: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+
     def _write_metrics(self) -> None:
+        if not self.dist.is_main:
+            return
         atomic_write_text(
             self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
         )
 
     # ------------------------------------------------------------------ epochs
     def _step(self, batch: Any, epoch: int) -> dict[str, float] | None:
-        """One optimiser step; the batch's losses, or None when it was skipped (non-finite, exploding)."""
+        """One optimiser step; the batch's losses (mean over ranks), or None when it was skipped (non-finite,
+        exploding: on any rank, so that every rank skips together)."""
+        if self.dist.enabled:
+            batch = self.task.shard_batch(batch, self.dist.rank, self.dist.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.task.losses(batch, epoch, self.generator)
         total = losses["total_loss"]
-        if not torch.isfinite(total) or total.item() > self.cfg.explode_threshold:
+        if any_rank(not torch.isfinite(total) or total.item() > self.cfg.explode_threshold, self.dist):
             return None
         total.backward()
+        average_gradients(self.params, self.dist)
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         if self.first_step_at is None:
             self.first_step_at = time.time()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return mean_over_ranks({k: float(v.detach()) for k, v in losses.items()}, self.dist)
 
     def _remaining_batches(self, epoch: int, part: dict[str, Any]) -> Iterator[Any]:
         """The batches of `epoch` not done yet. A resumed epoch is rebuilt from a copy of the generator
@@ -246,9 +279,9 @@ class Trainer:
                 part["skipped"] += 1
             else:
                 part["rows"].append(row)
-            if (reason := stop_requested()) is not None:
+            if (reason := self._stop_reason()) is not None:
                 path = self.ckpt_dir / "last.pt"
-                save_checkpoint(path, {**self._state(epoch - 1), "partial": part})
+                self._save(path, {**self._state(epoch - 1), "partial": part})
                 raise Interrupted(reason, epoch, part["batches"], path)
         n_batches, skipped = part["batches"], part["skipped"]
         self.skipped += skipped
@@ -282,10 +315,27 @@ class Trainer:
                 continue
             if name not in self.best or value < self.best[name]["value"]:
                 self.best[name] = {"value": value, "epoch": epoch}
-                save_checkpoint(
+                self._save(
                     self.ckpt_dir / f"best_model_{name}.pt",
                     {"epoch": epoch, "model": self.task.model.state_dict()},
                 )
+
+    def _pruned(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Rank 0 reports; its reporter's `Pruned` stops every rank."""
+        pruned = False
+        if self.reporter is not None and self.dist.is_main:
+            try:
+                self.reporter.report(epoch, metrics)
+            except Pruned:
+                pruned = True
+        return any_rank(pruned, self.dist)
+
+    def _stop_reason(self) -> str | None:
+        """A stop requested on any rank stops all of them at the same batch."""
+        reason = stop_requested()
+        if not any_rank(reason is not None, self.dist):
+            return None
+        return reason or "a stop request on another rank"
 
     def fit(self) -> FitResult:
         """Train the remaining epochs. A stop request raises `Interrupted` once its checkpoint is saved
@@ -302,14 +352,11 @@ class Trainer:
             self.scheduler.step()
             self._save_best(epoch, metrics)
             self.history.append(metrics)
-            save_checkpoint(self.ckpt_dir / "last.pt", self._state(epoch))
+            self._save(self.ckpt_dir / "last.pt", self._state(epoch))
             self._write_metrics()
-            if self.reporter is not None:
-                try:
-                    self.reporter.report(epoch, metrics)
-                except Pruned:
-                    status = "pruned"
-                    break
-            if (reason := stop_requested()) is not None and epoch + 1 < self.cfg.epochs:
+            if self._pruned(epoch, metrics):
+                status = "pruned"
+                break
+            if (reason := self._stop_reason()) is not None and epoch + 1 < self.cfg.epochs:
                 raise Interrupted(reason, epoch + 1, 0, self.ckpt_dir / "last.pt")
         return FitResult(self.history, self.best, status, self.skipped, self.first_step_at)

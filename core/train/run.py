@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json, atomic_write_text
 from core.train.checkpoint import load_checkpoint
-from core.train.distributed import context_from_env
+from core.train.distributed import context_from_env, init_process_group
 from core.train.families import family_module
 from core.train.loop import Reporter, Task, Trainer, TrainerConfig
 
@@ -90,9 +90,13 @@ def gpus_used(device: torch.device) -> int:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` takes a GPU when there is one; a data-parallel rank takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", context_from_env().local_rank)
+    return device
 
 
 def trainer_config(cfg: DictConfig, best: dict[str, str]) -> TrainerConfig:
@@ -133,9 +137,19 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir` and write its summary; returns the summary.
 
-    Pass a `task` already built by `build_task` to check data before anything else is set up."""
+    Pass a `task` already built by `build_task` to check data before anything else is set up. Under a
+    data-parallel launch (RANK / WORLD_SIZE in the environment: submitit's tasks, torchrun) every rank
+    trains; only rank 0 writes the run directory, evaluates and reports."""
     run_dir = Path(run_dir)
     task = task or build_task(cfg, run_dir)  # loads and checks the data before anything is written
+    ctx = context_from_env()
+    if ctx.enabled:
+        init_process_group(ctx, task.device)
+        if not ctx.is_main:
+            trainer = Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir, None, ctx)
+            trainer.resume()
+            result = trainer.fit()
+            return {"run_dir": str(run_dir), "status": result.status, "rank": ctx.rank}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     task.save(run_dir)
@@ -150,7 +164,7 @@ def run_experiment(
     atomic_write_json(run_dir / "summary.json", summary)
     t0 = time.perf_counter()
     try:
-        trainer = Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir, reporter)
+        trainer = Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir, reporter, ctx)
         summary["resumed_from_epoch"] = trainer.start_epoch if trainer.resume() else None
         result = trainer.fit()
         task.after_fit(result.history, run_dir)

@@ -194,6 +194,17 @@ class VideoTask:
         )
         return self._batches("train", sample, self.cfg.data.batch_size)
 
+    def shard_batch(self, batch: PairBatch, rank: int, world_size: int) -> PairBatch:
+        """This rank's equal share of a global batch (data-parallel training). The loss is a mean over
+        pairs, so the mean of the shards' gradients is the global batch's gradient."""
+        n = batch.k.shape[0]
+        if n % world_size:
+            raise ValueError(
+                f"data.batch_size={n} is not divisible by {world_size} ranks (data.pairs_per_epoch too)"
+            )
+        part = slice(rank * n // world_size, (rank + 1) * n // world_size)
+        return PairBatch(batch.img_t[part], batch.img_tk[part], batch.k[part], batch.weight[part])
+
     def val_batches(self) -> Iterator[PairBatch]:
         return self._batches("val", self.samples["val"], self.cfg.eval.batch_size)
 

@@ -314,7 +314,7 @@ def _read(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
         return OmegaConf.to_container(
             OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))), resolve=True
         )
-    except OmegaConfBaseException as exc:
+    except (YAMLError, OmegaConfBaseException) as exc:  # a value's YAML (e.g. an unquoted nested list)
         raise SweepError(f"{where}: overrides {list(overrides)}: {exc}") from exc
 
 
