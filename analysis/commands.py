@@ -89,7 +89,14 @@ def table_command(
         body = search_report(study, runs, column, fmt)
     else:
         groups = _check_by(runs, by or _axes(spec), spec)
-        body = render(ablation_table(runs, groups, column, spec.direction, baseline, test), fmt)
+        # grid axes left out of --by block the pairs (with the seed) instead of being averaged away
+        left_out = (
+            [a for a in _axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+        )
+        pair_on = ["seed", *left_out]
+        body = render(
+            ablation_table(runs, groups, column, spec.direction, baseline, test, pair_on=pair_on), fmt
+        )
     headline = _headline(spec, runs, column)
     if fmt == "csv":
         return body

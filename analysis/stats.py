@@ -136,18 +136,22 @@ def find_group(keys: Sequence[tuple], by: Sequence[str], label: str) -> tuple:
     return found[0]
 
 
-def _seed_matrix(df: pd.DataFrame, by: list[str], metric: str) -> tuple[list[tuple], np.ndarray]:
-    """Group keys (first-appearance order) and their (G, S) matrix of `metric` per seed (NaN where a
-    group lacks a seed), averaged over runs that share group and seed."""
+def _seed_matrix(
+    df: pd.DataFrame, by: list[str], metric: str, pair_on: Sequence[str] = ("seed",)
+) -> tuple[list[tuple], np.ndarray]:
+    """Group keys (first-appearance order) and their (G, P) matrix of `metric` per pairing cell (a seed,
+    or a seed and the values of axes left out of `by`; NaN where a group lacks a cell), averaged over
+    runs that share group and cell."""
+    pair_on = list(pair_on)
     data = df.dropna(subset=[metric])
     keys = list(dict.fromkeys(data[by].itertuples(index=False, name=None)))
-    seeds = list(dict.fromkeys(data["seed"]))
-    cell = data.groupby([*by, "seed"], sort=False)[metric].mean()
-    matrix = np.full((len(keys), len(seeds)), np.nan)
+    cells = list(dict.fromkeys(data[pair_on].itertuples(index=False, name=None)))
+    cell = data.groupby([*by, *pair_on], sort=False)[metric].mean()
+    matrix = np.full((len(keys), len(cells)), np.nan)
     rows = {k: i for i, k in enumerate(keys)}
-    cols = {s: j for j, s in enumerate(seeds)}
-    for (*key, seed), value in cell.items():
-        matrix[rows[tuple(key)], cols[seed]] = value
+    cols = {c: j for j, c in enumerate(cells)}
+    for index, value in cell.items():
+        matrix[rows[tuple(index[: len(by)])], cols[tuple(index[len(by) :])]] = value
     return keys, matrix
 
 
@@ -176,11 +180,14 @@ def paired_tests(
     test: str = "wilcoxon",
     direction: str = "minimize",
     alpha: float = ALPHA,
+    pair_on: Sequence[str] = ("seed",),
 ) -> pd.DataFrame:
     """Per group: the paired comparison with the baseline and with the best group.
 
     Runs are paired by seed; when `by` leaves out an axis, a group's value for a seed is the mean over
-    that axis (the marginal effect of the axes in `by`).
+    that axis (the marginal effect of the axes in `by`), unless `pair_on` names that axis too: then runs
+    are paired by (seed, axis value), a blocked design with one pair per cell (3 seeds x 6 cells of the
+    other axes = 18 pairs instead of 3: a Wilcoxon test of 3 pairs can never reach p < 0.25).
 
     Columns: `by`..., baseline (the row is the baseline), n_pairs, delta (mean of group - baseline over
     shared seeds), p, p_holm (vs the baseline, Holm over all groups compared with it; NaN without a
@@ -192,7 +199,7 @@ def paired_tests(
         raise ValueError(f"direction {direction!r}: expected minimize or maximize")
     if test not in TESTS:
         raise ValueError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
-    keys, matrix = _seed_matrix(df, by, metric)
+    keys, matrix = _seed_matrix(df, by, metric, pair_on)
     columns = [*by, "baseline", "n_pairs", "delta", "p", "p_holm", "best", "p_vs_best", "p_vs_best_holm"]
     columns.append("vs_best")
     if not keys:

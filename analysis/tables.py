@@ -38,9 +38,11 @@ def ablation_table(
     baseline: str | None = None,
     test: str = "wilcoxon",
     alpha: float = ALPHA,
+    pair_on: Sequence[str] = ("seed",),
 ) -> pd.DataFrame:
     """One row per group of `by` (first-appearance order): trial counts per state, statistics of
-    `metric` over the complete trials (`aggregate`), and the paired tests (`paired_tests`).
+    `metric` over the complete trials (`aggregate`), and the paired tests (`paired_tests`, pairing
+    runs on the `pair_on` columns).
 
     The settings travel in `.attrs` (by, metric, direction, baseline, test, alpha) for the renderers."""
     by = list(by)
@@ -53,11 +55,19 @@ def ablation_table(
     complete = runs[runs["state"] == "complete"]
     table = counts.merge(aggregate(complete, by, metric), on=by, how="left")
     table = table.merge(
-        paired_tests(complete, by, metric, baseline, test, direction, alpha), on=by, how="left"
+        paired_tests(complete, by, metric, baseline, test, direction, alpha, pair_on), on=by, how="left"
     )
     table["n"] = table["n"].fillna(0).astype(int)
     table[["best", "baseline"]] = table[["best", "baseline"]].fillna(False).astype(bool)
-    table.attrs.update(by=by, metric=metric, direction=direction, baseline=baseline, test=test, alpha=alpha)
+    table.attrs.update(
+        by=by,
+        metric=metric,
+        direction=direction,
+        baseline=baseline,
+        test=test,
+        alpha=alpha,
+        pair_on=list(pair_on),
+    )
     return table
 
 
@@ -118,9 +128,11 @@ def _cells(
 
 def _legend(table: pd.DataFrame, dagger: str = "†") -> str:
     a = table.attrs
+    blocks = [c for c in a.get("pair_on", ["seed"]) if c != "seed"]
+    over = f"shared (seed, {', '.join(blocks)}) cells" if blocks else "shared seeds"
     return (
         f"bold: best mean ({a['direction']}); {dagger}: not significantly different from the best (paired "
-        f"{a['test']} over shared seeds, Holm-adjusted p >= {a['alpha']}); ?: fewer than 2 seeds shared "
+        f"{a['test']} over {over}, Holm-adjusted p >= {a['alpha']}); ?: fewer than 2 pairs shared "
         "with the best. Statistics over complete trials only."
     )
 

@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, _sweep_error()) as exc:
         print(f"ablate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `ablate status x | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
     except Exception as exc:  # a run that failed: its summary.json already records why
         from core.data.features import DataError
 

@@ -566,3 +566,26 @@ def test_ablate_plot_redraws_a_finished_progress_runs_figures_and_lists_them(tmp
     (run / "plots" / "dual_loss_comparison.png").unlink()
     assert plot_command(str(run), root) == printed and printed[1].is_file()
     assert (run / "eval" / "combined.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("test", ["wilcoxon", "ttest"])
+def test_axes_left_out_of_by_can_block_the_pairs(test):
+    """Grouped by `fixes` alone, runs pair on (seed, head): one pair per cell, not seed means."""
+    rng = np.random.default_rng(3)
+    rows = [
+        {"fixes": f, "head": h, "seed": s, "m": rng.normal(0.1 * (f == "b") + 0.3 * (h == "y"), 0.05)}
+        for f in ("a", "b")
+        for h in ("x", "y", "z")
+        for s in (0, 1, 2)
+    ]
+    df = pd.DataFrame(rows)
+    out = paired_tests(df, ["fixes"], "m", baseline_label="a", test=test, pair_on=["seed", "head"])
+    a = [r["m"] for r in rows if r["fixes"] == "a"]  # same (head, seed) order for both groups
+    b = [r["m"] for r in rows if r["fixes"] == "b"]
+    expected = stats.wilcoxon(b, a) if test == "wilcoxon" else stats.ttest_rel(b, a)
+    row = out[out["fixes"] == "b"].iloc[0]
+    assert row["n_pairs"] == 9
+    assert row["p"] == pytest.approx(expected.pvalue, abs=1e-9)
+    assert row["delta"] == pytest.approx(np.mean(np.subtract(b, a)), abs=1e-12)
+    # the default pairs seed means: 3 pairs
+    assert paired_tests(df, ["fixes"], "m", baseline_label="a", test=test).iloc[1]["n_pairs"] == 3
