@@ -12,8 +12,10 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from launchers.cli import main
+from tests.test_slurm import cluster  # noqa: F401 (the fixture)
 from tests.test_video_family import TINY
 
 ARGS = ["run", "video_two_stream", *TINY, "trainer.num_threads=1"]
@@ -74,3 +76,47 @@ def test_two_gloo_ranks_train_like_one_process_at_the_same_global_batch(tmp_path
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["eval"]["checkpoint"] == "best"
     assert str(ddp) in outputs[0].splitlines() and str(ddp) not in outputs[1].splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cluster")
+def test_a_slurm_worker_with_two_tasks_trains_its_trial_data_parallel(tmp_path):
+    """launcher.slurm.tasks_per_node=2: rank 0 claims and records the trial, both tasks train it (gloo),
+    and the result equals one process training the same config."""
+    from omegaconf import OmegaConf
+
+    from core.train.run import run_experiment
+    from launchers.sweeps import slurm
+    from launchers.sweeps.spec import load_sweep
+    from launchers.sweeps.study import SweepStudy
+
+    sweep = {
+        "experiment": "video_two_stream",
+        "overrides": [*TINY, "trainer.num_threads=1"],
+        "objective": {"metric": "val/total_loss", "direction": "minimize"},
+        "seeds": [0],
+        "grid": {"model.decoder.variant": ["D"]},
+        "workers": 1,
+        "lease": {"heartbeat_s": 1, "timeout_s": 60, "max_retries": 0},
+        "launcher": {
+            "name": "slurm",
+            "slurm": {"time": "00:10:00", "cpus_per_task": 1, "tasks_per_node": 2, "mem": "4G"},
+        },
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    study = SweepStudy.create(load_sweep(path), tmp_path / "runs")
+    (job,) = slurm.submit_slurm_workers(study.sweep_dir, 1, slurm.slurm_resources(study.spec.launcher))
+    assert job.results() == [1, 1]  # trials each rank trained
+    (trial,) = study.trials()
+    assert trial.state == "COMPLETE"
+    summary = json.loads((trial.run_dir / "summary.json").read_text())
+    assert summary["environment"]["ranks"] == 2 and summary["status"] == "completed"
+    logs = "".join(p.read_text() for p in (study.sweep_dir / "workers").glob("*_log.err"))
+    assert "rank 1: rank 0 has no more trials; trained 1" in logs
+
+    single = tmp_path / "single"
+    run_experiment(OmegaConf.load(trial.run_dir / "config.yaml"), single)
+    a, b = _rows(single), _rows(trial.run_dir)
+    for key in ("train/total_loss", "val/total_loss"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4), key

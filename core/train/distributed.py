@@ -13,8 +13,10 @@ Only rank 0 writes checkpoints, metrics and reports.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,15 +48,31 @@ def context_from_env() -> DistContext:
     return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_process_group(ctx: DistContext, device: torch.device) -> None:
-    """Join the group once (nccl on CUDA, gloo on CPU); a no-op for a single process."""
+# a sweep worker's ranks wait for rank 0's next claim as long as other workers' trials run
+GROUP_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def init_process_group(ctx: DistContext, device: torch.device | None = None) -> None:
+    """Join the group once (gloo for CPU tensors and messages, nccl for CUDA tensors); a no-op for a
+    single process or when already joined (a sweep worker joins before it knows a trial's device)."""
     if not ctx.enabled or dist.is_initialized():
         return
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(ctx.local_rank)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", rank=ctx.rank, world_size=ctx.world_size
+        "cpu:gloo,cuda:nccl" if cuda else "gloo",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=GROUP_TIMEOUT,
     )
+
+
+def broadcast_message(message: Any, ctx: DistContext) -> Any:
+    """Rank 0's `message` (any picklable object) on every rank; `message` is ignored on the others."""
+    box = [message if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:

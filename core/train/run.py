@@ -159,7 +159,7 @@ def run_experiment(
         "run_dir": str(run_dir),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "environment": {**environment(), "gpus": gpus_used(task.device)},
+        "environment": {**environment(), "gpus": gpus_used(task.device), "ranks": ctx.world_size},
     }
     atomic_write_json(run_dir / "summary.json", summary)
     t0 = time.perf_counter()

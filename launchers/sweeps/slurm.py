@@ -37,7 +37,8 @@ import submitit
 DEFAULT_TIME_MIN = 24 * 60  # submitit's own default (5 min) would kill a worker mid-sweep
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize
 STRING_KEYS = ("partition", "account", "qos", "constraint")
-COUNT_KEYS = {"cpus_per_task": 1, "gpus_per_task": 0, "array_parallelism": 1}  # key -> smallest value
+# key -> smallest value; tasks_per_node > 1: each worker trains its trials data parallel over its tasks
+COUNT_KEYS = {"cpus_per_task": 1, "gpus_per_task": 0, "tasks_per_node": 1, "array_parallelism": 1}
 KEYS = (*STRING_KEYS, *COUNT_KEYS, "time", "mem", "additional_parameters", "setup")
 # sbatch options that submitit or this module set: additional_parameters must not replace them
 RESERVED = {"array", "output", "error", "open-mode", "signal", "job-name", "wckey", "time"} | {
@@ -134,6 +135,8 @@ def slurm_resources(
         params["cpus_per_task"] = _count("cpus_per_task", raw["cpus_per_task"])
     if "gpus_per_task" in raw:
         params["slurm_gpus_per_task"] = _count("gpus_per_task", raw["gpus_per_task"])
+    if "tasks_per_node" in raw:
+        params["tasks_per_node"] = _count("tasks_per_node", raw["tasks_per_node"])
     if "array_parallelism" in raw:
         params["slurm_array_parallelism"] = _count("array_parallelism", raw["array_parallelism"])
     if "mem" in raw:

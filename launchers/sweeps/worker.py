@@ -14,6 +14,7 @@ run dir and wandb run); a job stopped at a time limit or preempted is then reque
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -33,6 +34,7 @@ from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from core.train.distributed import DistContext, broadcast_message, context_from_env, init_process_group
 from core.train.loop import Interrupted, Pruned
 from core.train.run import run_experiment
 from core.train.signals import stop_on_signals, stop_requested
@@ -248,36 +250,72 @@ def _leave(study: SweepStudy, worker: str, reason: str, ran: int) -> NoReturn:
     raise WorkerStopped(f"stopped by {reason}; the job is not requeued: {why}")
 
 
+def rank_context() -> DistContext:
+    """This worker's ranks: a SLURM job with several tasks (launcher.slurm.tasks_per_node) trains each
+    trial data parallel over them; the rank variables are exported as torch expects them."""
+    if int(os.environ.get("SLURM_NTASKS") or 1) > 1 and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return context_from_env()
+
+
 def run_worker(sweep_dir: Path, worker: str) -> int:
     """Drain the sweep in `sweep_dir`; returns the number of trials this worker ran.
 
     USR2 and SIGTERM stop it cleanly: the running trial checkpoints after its current batch and goes
-    back to the queue, then `_leave` requeues the job or raises WorkerStopped."""
+    back to the queue, then `_leave` requeues the job or raises WorkerStopped. With several ranks, rank
+    0 claims and records trials and the other ranks train each claimed trial with it."""
+    ctx = rank_context()
+    init_process_group(ctx)
     with stop_on_signals(STOP_SIGNALS):
-        return _drain(Path(sweep_dir), worker)
+        if ctx.enabled and not ctx.is_main:
+            return _follow(SweepStudy.open(Path(sweep_dir)), f"{worker}-rank{ctx.rank}", ctx)
+        return _drain(Path(sweep_dir), worker, ctx)
 
 
-def _drain(sweep_dir: Path, worker: str) -> int:
+def _follow(study: SweepStudy, worker: str, ctx: DistContext) -> int:
+    """A rank > 0: train every trial rank 0 announces (its overrides and run dir) until it says stop."""
+    ran = 0
+    while (message := broadcast_message(None, ctx)) is not None:
+        overrides, run_dir = message
+        cfg = compose_experiment(study.spec.experiment, overrides)
+        torch.set_num_threads(trial_threads(cfg))
+        # rank > 0 trains and writes nothing; stopped, every rank stops at the same batch and rank 0
+        # gives the trial back
+        with contextlib.suppress(Interrupted):
+            run_experiment(cfg, Path(run_dir))
+        ran += 1
+    log(worker, f"rank {ctx.rank}: rank 0 has no more trials; trained {ran}")
+    return ran
+
+
+def _drain(sweep_dir: Path, worker: str, ctx: DistContext) -> int:
     study = SweepStudy.open(sweep_dir)
     torch.set_num_threads(1)
     importlib.import_module(
         "torch._dynamo"
     )  # the first optimiser imports it: 1-3 s better spent before a claim
 
+    def announce(message: tuple[list[str], str] | None) -> None:
+        if ctx.enabled:
+            broadcast_message(message, ctx)
+
     ran = 0
     while True:
         if (stop := stop_requested()) is not None:
+            announce(None)
             _leave(study, worker, stop, ran)
         for trial in study.recover_stale():
             log(worker, f"trial {trial}: its worker is lost (no heartbeat); failed and re-enqueued")
         claim = study.claim(worker, slurm_job=current_job_id())
         if claim is not None:
+            announce((list(claim.overrides), str(claim.run_dir)))
             run_trial(study, claim, worker)
             ran += 1
             continue
         waiting, running = study.remaining_work()
         if waiting == 0 and running == 0:
             log(worker, f"sweep {study.spec.name} has no work left; ran {ran} trial(s)")
+            announce(None)
             return ran
         # others still run trials: stay, to take over any whose worker dies (or lost a claim race)
         time.sleep(min(study.spec.heartbeat_s, 1.0) if waiting == 0 else 0.1)
