@@ -15,30 +15,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
 from core.metrics.representation import per_pair_mse
 from core.models.two_stream import build_two_stream
+from launchers.config import compose_experiment
 
+# model name -> the experiment whose `model` section it benchmarks (the shipped configs, not copies)
+EXPERIMENTS = {"tiny": "video_two_stream", "224px": "video_two_stream_224"}
 MODELS = {
-    # the configs of experiments/model/two_stream.yaml and two_stream_224.yaml
-    "tiny": dict(
-        image_size=32,
-        patch_size=8,
-        width=64,
-        depth=3,
-        heads=4,
-        num_stages=3,
-        decoder=dict(variant="D", dim=64, skip_channels=16),
-    ),
-    "224px": dict(
-        image_size=224,
-        patch_size=16,
-        width=768,
-        depth=12,
-        heads=12,
-        num_stages=3,
-        decoder=dict(variant="D", dim=512, skip_channels=64),
-    ),
+    name: OmegaConf.to_container(compose_experiment(experiment).model, resolve=True)
+    for name, experiment in EXPERIMENTS.items()
 }
 
 
