@@ -22,6 +22,7 @@ from core.train.loop import Trainer
 from core.train.run import build_task, run_experiment, trainer_config
 from core.train.slots import build_model, build_param_groups
 from launchers.config import ConfigError, compose_experiment
+from tests.helpers import StopAfter
 from tests.reference.slots import (
     feature_reconstruction_reference,
     slot_attention_reference,
@@ -321,17 +322,6 @@ def test_original_vitb14_config_builds_a_vit_b14():
 
 
 # ---------------------------------------------------------------- runs
-
-
-class StopAfter:
-    """A reporter that kills the run (like a preemption) right after epoch `n` was checkpointed."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def report(self, epoch, metrics):
-        if epoch == self.n:
-            raise KeyboardInterrupt
 
 
 def _rows(run_dir):

@@ -11,6 +11,7 @@ from core.train.loop import Interrupted, Trainer, TrainerConfig, TrainingFailed
 from core.train.run import build_task, run_experiment
 from core.train.signals import request_stop, stop_on_signals
 from launchers.config import compose_experiment
+from tests.helpers import StopAfter
 
 VOLATILE = {"epoch_time_s"}
 
@@ -21,17 +22,6 @@ def _stable(rows):
 
 def _rows(run_dir):
     return _stable(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-
-
-class StopAfter:
-    """A reporter that kills the run (like a preemption) right after epoch `n` was checkpointed."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def report(self, epoch, metrics):
-        if epoch == self.n:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("experiment", ["progress_learnable_ab", "progress_cum_l2"])

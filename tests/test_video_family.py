@@ -15,6 +15,7 @@ from core.train.run import build_task, run_experiment
 from core.train.signals import stop_on_signals
 from core.train.video import EVAL_METRICS, VideoTask
 from launchers.config import ConfigError, compose_experiment
+from tests.helpers import StopAfter
 from tests.reference.representation import per_pair_mse_loop
 
 # a run of a few seconds: 24 videos, 2 epochs of 64 pairs, small evaluation sets
@@ -99,17 +100,6 @@ def test_loss_is_the_gap_weighted_mean_of_per_pair_mse(finished_run):
 def _rows(run_dir):
     rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
-
-
-class StopAfter:
-    """A reporter that kills the run (like a preemption) right after epoch `n` was checkpointed."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def report(self, epoch, metrics):
-        if epoch == self.n:
-            raise KeyboardInterrupt
 
 
 def _same_weights(a_dir, b_dir):
