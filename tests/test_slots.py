@@ -22,7 +22,7 @@ from core.train.loop import Trainer
 from core.train.run import build_task, run_experiment, trainer_config
 from core.train.slots import build_model, build_param_groups
 from launchers.config import ConfigError, compose_experiment
-from tests.helpers import StopAfter
+from tests.helpers import StopAfter, assert_same_final_weights
 from tests.reference.slots import (
     feature_reconstruction_reference,
     slot_attention_reference,
@@ -338,9 +338,7 @@ def test_run_resumes_exactly_and_writes_metrics_plots_and_splits(tmp_path):
     assert resumed["resumed_from_epoch"] == 1
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
     assert resumed["eval"] == full["eval"]
-    a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_weights(tmp_path / "full", tmp_path / "cut")
 
     run = tmp_path / "full"
     rows = _rows(run)

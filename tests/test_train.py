@@ -11,7 +11,7 @@ from core.train.loop import Interrupted, Trainer, TrainerConfig, TrainingFailed
 from core.train.run import build_task, run_experiment
 from core.train.signals import request_stop, stop_on_signals
 from launchers.config import compose_experiment
-from tests.helpers import StopAfter
+from tests.helpers import StopAfter, assert_same_final_weights
 
 VOLATILE = {"epoch_time_s"}
 
@@ -36,9 +36,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_run_exactly(experiment, t
     assert resumed["resumed_from_epoch"] == 1
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
     assert resumed["eval"] == full["eval"]
-    a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_weights(tmp_path / "full", tmp_path / "cut")
 
 
 class TinyTask:
