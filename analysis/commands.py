@@ -19,8 +19,8 @@ from analysis.records import STATES, load_history, open_sweep, read_metrics, swe
 from analysis.stats import TESTS
 from analysis.tables import FORMATS, ablation_table, param_importances, render, search_report
 from core.train.plots import plot_dual_losses
-from launchers.sweeps.spec import SweepSpec
-from launchers.sweeps.study import SweepStudy
+from sweepstate.spec import SweepSpec
+from sweepstate.study import SweepStudy
 
 METRIC_PREFIXES = ("final/", "best/", "val/", "test/", "train/")
 

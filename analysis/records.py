@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from launchers.sweeps.spec import SweepSpec, trial_key
-from launchers.sweeps.study import SweepStudy, TrialRecord
+from sweepstate.spec import SweepSpec, trial_key
+from sweepstate.study import SweepStudy, TrialRecord
 
 HISTORY_COLUMNS = ("run_dir", "epoch", "metric", "value")
 # summary.json status / Optuna trial state -> the one state vocabulary of the tables

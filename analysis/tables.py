@@ -18,8 +18,8 @@ import yaml
 
 from analysis.records import STATES
 from analysis.stats import ALPHA, aggregate, paired_tests
-from launchers.sweeps.spec import SweepSpec
-from launchers.sweeps.study import SweepStudy
+from sweepstate.spec import SweepSpec
+from sweepstate.study import SweepStudy
 
 FORMATS = ("markdown", "csv", "latex")
 TOP_K = 5

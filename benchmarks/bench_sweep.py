@@ -40,8 +40,9 @@ from core.train.progress import build_model, load_videos
 from core.train.run import build_task, environment
 from launchers.config import compose_experiment
 from launchers.sweeps.local import submit_local_workers
-from launchers.sweeps.spec import SweepSpec, load_sweep
-from launchers.sweeps.study import SweepStudy
+from launchers.sweeps.spec import load_sweep
+from sweepstate.spec import SweepSpec
+from sweepstate.study import SweepStudy
 
 REPO = Path(__file__).resolve().parents[1]
 # identical tiny trainings, one intra-op thread each so that 2 workers fill 2 cores without contention

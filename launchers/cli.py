@@ -161,23 +161,25 @@ def _submit(study, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from launchers.sweeps.slurm import trial_job_outcomes
     from launchers.sweeps.spec import load_sweep
-    from launchers.sweeps.study import SweepStudy
+    from sweepstate.study import SweepStudy
 
     spec = load_sweep(args.sweep, args.overrides)
     _submitter(args.launcher or spec.launcher.get("name", "local"), spec)  # check resources first
-    return _submit(SweepStudy.create(spec, results_root(args.root)), args)
+    return _submit(SweepStudy.create(spec, results_root(args.root), trial_job_outcomes), args)
 
 
 def _open(args: argparse.Namespace):
-    from launchers.sweeps.study import SweepStudy
+    from launchers.sweeps.slurm import trial_job_outcomes
+    from sweepstate.study import SweepStudy
 
     root = results_root(args.root)
     if not (root / "sweeps" / args.sweep / "sweep.json").exists():
         raise UsageError(
             f"no sweep '{args.sweep}' under {root / 'sweeps'}; start it with: ablate sweep {args.sweep}"
         )
-    return SweepStudy.open(args.sweep, root)
+    return SweepStudy.open(args.sweep, root, trial_job_outcomes)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ from analysis.commands import plot_command, table_command
 from analysis.records import load_history, load_runs
 from analysis.stats import aggregate, bootstrap_ci, find_group, holm, paired_tests
 from analysis.tables import ablation_table, format_mean_ci, render_markdown
-from launchers.sweeps.spec import GRID_PRUNER, GRID_SAMPLER, ParamSpec, SweepSpec
-from launchers.sweeps.study import SweepStudy
+from sweepstate.spec import GRID_PRUNER, GRID_SAMPLER, ParamSpec, SweepSpec
+from sweepstate.study import SweepStudy
 
 METRIC = "val/ogpe_action"
 COLUMN = f"final/{METRIC}"

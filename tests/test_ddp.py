@@ -88,7 +88,7 @@ def test_a_slurm_worker_with_two_tasks_trains_its_trial_data_parallel(tmp_path):
     from core.train.run import run_experiment
     from launchers.sweeps import slurm
     from launchers.sweeps.spec import load_sweep
-    from launchers.sweeps.study import SweepStudy
+    from sweepstate.study import SweepStudy
 
     sweep = {
         "experiment": "video_two_stream",

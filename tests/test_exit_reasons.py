@@ -8,9 +8,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from launchers.sweeps import slurm
-from launchers.sweeps.slurm import JobState, exit_reason
+from launchers.sweeps.slurm import JobState, exit_reason, job_outcome
 from launchers.sweeps.status import SweepJobs
-from launchers.sweeps.study import lost_reason
+from sweepstate.study import lost_reason as sweep_lost_reason
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,11 @@ def running_trial(**attrs) -> object:
         distributions={"trainer.lr": FloatDistribution(1e-4, 1e-2)},
         user_attrs={"worker": "w7", **attrs},
     )
+
+
+def lost_reason(trial, age: float, jobs: dict[str, JobState]) -> tuple[str, dict]:
+    """The queue's lost_reason with SLURM's job outcome injected, as the launchers inject it."""
+    return sweep_lost_reason(trial, age, job_outcome(trial.user_attrs, jobs))
 
 
 def test_lost_reason_says_why_the_trial_job_ended():

@@ -20,8 +20,8 @@ from launchers import cli
 from launchers.config import compose_experiment
 from launchers.sweeps.local import submit_local_workers
 from launchers.sweeps.spec import load_sweep
-from launchers.sweeps.study import SweepStudy
 from launchers.sweeps.worker import job_after_stop
+from sweepstate.study import SweepStudy
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["debug=fast", "trainer.epochs=4", "logger.enabled=false"]

@@ -22,7 +22,7 @@ from launchers.cli import main
 from launchers.sweeps import slurm
 from launchers.sweeps.local import submitted_jobs
 from launchers.sweeps.spec import load_sweep, sweeps_dir
-from launchers.sweeps.study import SweepStudy, TrialRecord
+from sweepstate.study import SweepStudy, TrialRecord
 
 SWEEP = """
 experiment: progress_none

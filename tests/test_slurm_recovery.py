@@ -23,8 +23,9 @@ from core.train.run import run_experiment
 from launchers.config import compose_experiment
 from launchers.sweeps import slurm
 from launchers.sweeps.local import submitted_jobs
-from launchers.sweeps.spec import load_sweep, trial_key
-from launchers.sweeps.study import SweepStudy, TrialRecord
+from launchers.sweeps.spec import load_sweep
+from sweepstate.spec import trial_key
+from sweepstate.study import SweepStudy, TrialRecord
 from tests.test_slurm import cluster  # noqa: F401 - `cluster` is a fixture used by name
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cluster")]

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from launchers.config import compose_experiment
-from launchers.sweeps.spec import PRUNERS, SAMPLERS, SweepError, SweepSpec, load_sweep, sweeps_dir, trial_key
+from launchers.sweeps.spec import load_sweep, sweeps_dir
+from sweepstate.spec import PRUNERS, SAMPLERS, SweepError, SweepSpec, trial_key
 
 SHIPPED = ("demo", "progress_search", "progress_methods")
 

@@ -20,10 +20,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from launchers.config import compose_experiment
-from launchers.sweeps.spec import SweepError, SweepSpec, load_sweep, trial_key
+from launchers.sweeps.slurm import trial_job_outcomes
+from launchers.sweeps.spec import load_sweep
 from launchers.sweeps.status import format_status, status_json_lines
-from launchers.sweeps.study import SweepStudy, masked_url
 from launchers.sweeps.worker import run_worker, trial_threads
+from sweepstate.spec import SweepError, SweepSpec, trial_key
+from sweepstate.study import SweepStudy, masked_url
 
 REPO = Path(__file__).resolve().parents[1]
 # ~0.5 s per epoch on one core: 6 videos per task, split 2/2/2
@@ -200,7 +202,7 @@ def test_a_lost_trial_names_the_slurm_job_that_claimed_it(tmp_path, monkeypatch)
         grid={"trainer.lr": [0.001, 0.002]},
         lease={"heartbeat_s": 1, "timeout_s": 5, "max_retries": 1},
     )
-    study = SweepStudy.create(spec, tmp_path / "runs")
+    study = SweepStudy.create(spec, tmp_path / "runs", job_outcomes=trial_job_outcomes)
     on_slurm = study.claim("w-slurm", slurm_job="4242_1")
     local = study.claim("w-local")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sacct (a laptop reading the sweep): no reason, no error

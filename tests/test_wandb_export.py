@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from analysis.records import load_history, load_runs
 from analysis.wandb_export import WANDB_REASONS, from_wandb
-from launchers.sweeps.spec import GRID_PRUNER, GRID_SAMPLER, SweepSpec
-from launchers.sweeps.study import SweepStudy
+from sweepstate.spec import GRID_PRUNER, GRID_SAMPLER, SweepSpec
+from sweepstate.study import SweepStudy
 
 DATA = Path(__file__).parent / "data" / "wandb_api"
 PATH, SWEEP = "lab/ablate", "wbx"

@@ -14,15 +14,16 @@ command line) and are validated before anything is submitted:
 Every value reaches sbatch as a submitit parameter (which quotes it); only `setup` is shell text, by
 design: the sweep file's author writes those lines as they would in an sbatch script.
 
-The job accounting half (`exit_reason`, `sacct_states`, `job_states`) tells why a worker's job ended -
-preempted, timeout, out-of-memory, crash, node failure, cancelled - for the lease recovery and
-`ablate status`. Each pass asks squeue/sacct once for all its jobs, and everything works (without
-reasons) where there are no such commands.
+The job accounting half (`exit_reason`, `sacct_states`, `job_states`, `trial_job_outcomes`) tells
+why a worker's job ended - preempted, timeout, out-of-memory, crash, node failure, cancelled - for
+the lease recovery (injected into the sweep queue) and `ablate status`. Each pass asks squeue/sacct
+once for all its jobs, and everything works (without reasons) where there are no such commands.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import subprocess
@@ -319,3 +320,25 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     command = ["squeue", "--noheader", "--array", "-o", "%i|%T|%r|%S", "-j"]
     live = _query(command, wanted, ("job_id", "state", "reason", "start"))
     return {**sacct_states(wanted - live.keys()), **live}
+
+
+def job_outcome(attrs: dict[str, Any], jobs: dict[str, JobState]) -> tuple[str, str]:
+    """What Slurm says of the job that claimed a trial (its user `attrs`): a description for the
+    failure reason ("" outside SLURM) and why the job ended ("" when it is unknown: no accounting,
+    or as far as Slurm knows it still runs: a stalled worker, or Slurm has not noticed yet)."""
+    job_id = attrs.get("slurm_job")
+    if job_id is None:
+        return "", ""
+    job = jobs.get(job_id)
+    if job is None:
+        return f"slurm job {job_id} (state unknown: no sacct, or it lags)", ""
+    if not job.exit_reason and job.start is not None and job.start > attrs.get("claimed_at", math.inf):
+        # live again, started after the claim: stopped and requeued, the trial's run is gone
+        return f"{job.describe()} again after a requeue", "requeued"
+    return job.describe(), job.exit_reason
+
+
+def trial_job_outcomes(attrs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The sweep queue's `JobOutcomes` on SLURM: one sacct call for all the trials' jobs."""
+    jobs = sacct_states(a["slurm_job"] for a in attrs if "slurm_job" in a)
+    return [job_outcome(a, jobs) for a in attrs]

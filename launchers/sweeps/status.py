@@ -15,7 +15,7 @@ from typing import Any
 
 from launchers.sweeps.local import submitted_jobs
 from launchers.sweeps.slurm import JobState, job_states
-from launchers.sweeps.study import SweepStudy, TrialRecord
+from sweepstate.study import SweepStudy, TrialRecord
 
 STATES = ("COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL")
 PHASES = ("pending", "running", "completed", "failed", "unknown")  # of a SLURM job

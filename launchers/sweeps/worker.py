@@ -39,9 +39,9 @@ from core.train.loop import Interrupted, Pruned
 from core.train.run import run_experiment
 from core.train.signals import stop_on_signals, stop_requested
 from launchers.config import compose_experiment
-from launchers.sweeps.slurm import current_job_id
-from launchers.sweeps.study import Claim, SweepStudy
+from launchers.sweeps.slurm import current_job_id, trial_job_outcomes
 from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
+from sweepstate.study import Claim, SweepStudy
 
 
 class LeaseLost(Exception):
@@ -268,7 +268,8 @@ def run_worker(sweep_dir: Path, worker: str) -> int:
     init_process_group(ctx)
     with stop_on_signals(STOP_SIGNALS):
         if ctx.enabled and not ctx.is_main:
-            return _follow(SweepStudy.open(Path(sweep_dir)), f"{worker}-rank{ctx.rank}", ctx)
+            study = SweepStudy.open(Path(sweep_dir), job_outcomes=trial_job_outcomes)
+            return _follow(study, f"{worker}-rank{ctx.rank}", ctx)
         return _drain(Path(sweep_dir), worker, ctx)
 
 
@@ -289,7 +290,7 @@ def _follow(study: SweepStudy, worker: str, ctx: DistContext) -> int:
 
 
 def _drain(sweep_dir: Path, worker: str, ctx: DistContext) -> int:
-    study = SweepStudy.open(sweep_dir)
+    study = SweepStudy.open(sweep_dir, job_outcomes=trial_job_outcomes)
     torch.set_num_threads(1)
     importlib.import_module(
         "torch._dynamo"

@@ -11,7 +11,8 @@ older than `timeout_s` belonged to a dead worker; the process whose RUNNING -> F
 succeeds (only one can) re-enqueues the same params, seed and trial key with attempt + 1, and the
 retry resumes from the run dir's last checkpoint. Heartbeats are wall-clock times, so the hosts of
 one sweep need clocks in sync to well below `timeout_s`. A trial claimed inside a SLURM job records
-the job id, so that a lost trial's failure says why its job ended (sacct: timeout, preempted, ...).
+the job id, so that a lost trial's failure says why its job ended (timeout, preempted, ...): the
+launcher that knows how to ask injects that as `job_outcomes`; this module knows no launcher.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import atomic_write_json
-from launchers.sweeps.slurm import JobState, sacct_states
-from launchers.sweeps.spec import ParamSpec, SweepError, SweepSpec, trial_key
+from sweepstate.spec import ParamSpec, SweepError, SweepSpec, trial_key
 
 HEARTBEAT_ATTR = "ablate:heartbeat"  # trial system attr: time.time() of the last heartbeat
 SPEC_ATTR = "ablate:spec"  # study user attr: spec.to_dict() of the sweep that created the study
@@ -45,6 +45,16 @@ SEED_PARAM = "seed"  # grid trials carry their seed as a categorical param next 
 SQLITE_TIMEOUT_S = 300  # workers wait this long for the database lock instead of failing
 # Spec fields that do not change which trials a sweep runs: a sweep may be continued with new ones.
 OPERATIONAL_FIELDS = frozenset({"path", "workers", "launcher", "heartbeat_s", "timeout_s", "max_retries"})
+
+# Why the jobs that claimed some trials ended, from the trials' user attrs (one batched query for all):
+# per trial (what the job's state says, for the failure reason; why it ended, "" when unknown).
+JobOutcomes = Callable[[list[dict[str, Any]]], list[tuple[str, str]]]
+
+
+def no_job_accounting(attrs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The `JobOutcomes` of a sweep read without a launcher (analysis, local workers): nothing known."""
+    return [("", "")] * len(attrs)
+
 
 # Optuna's INFO lines ("A new study created in Journal ...") only repeat what the CLI and workers say
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -177,8 +187,15 @@ class TrialRecord:
 class SweepStudy:
     """The Optuna study of one sweep and the queue operations workers and the CLI need."""
 
-    def __init__(self, spec: SweepSpec, sweep_dir: Path, storage: BaseStorage) -> None:
+    def __init__(
+        self,
+        spec: SweepSpec,
+        sweep_dir: Path,
+        storage: BaseStorage,
+        job_outcomes: JobOutcomes = no_job_accounting,
+    ) -> None:
         self.spec, self.sweep_dir, self.storage = spec, Path(sweep_dir), storage
+        self.job_outcomes = job_outcomes
         self.study_id = storage.get_study_id_from_name(spec.name)
         self._pruner = spec.make_pruner()
         # QMC draws points from one scrambled sequence shared through the storage: one seed for all
@@ -189,7 +206,7 @@ class SweepStudy:
 
     # ------------------------------------------------------------------ create / open
     @classmethod
-    def create(cls, spec: SweepSpec, root: Path) -> SweepStudy:
+    def create(cls, spec: SweepSpec, root: Path, job_outcomes: JobOutcomes = no_job_accounting) -> SweepStudy:
         """Create the sweep (or continue it: idempotent, safe when run concurrently) and enqueue its
         budget exactly once. A sweep of that name with a different spec is an error."""
         sweep_dir = sweep_dir_for(root, spec.name)
@@ -210,10 +227,12 @@ class SweepStudy:
             for slot, (params, attrs) in enumerate(_queue(spec)):
                 if slot not in enqueued:  # only slots a create killed half-way did not enqueue
                     study.enqueue_trial(params, user_attrs=attrs)
-        return cls(spec, sweep_dir, storage)
+        return cls(spec, sweep_dir, storage, job_outcomes)
 
     @classmethod
-    def open(cls, sweep: str | Path, root: Path | None = None) -> SweepStudy:
+    def open(
+        cls, sweep: str | Path, root: Path | None = None, job_outcomes: JobOutcomes = no_job_accounting
+    ) -> SweepStudy:
         """An existing sweep, by its directory or by name under `root` ($ABLATE_ROOT or ./runs)."""
         path = Path(sweep)
         if not (path / "sweep.json").exists():
@@ -223,7 +242,7 @@ class SweepStudy:
         spec = SweepSpec.from_dict(json.loads((path / "sweep.json").read_text()))
         storage = open_storage(spec, path)
         try:
-            return cls(spec, path, storage)
+            return cls(spec, path, storage, job_outcomes)
         except KeyError as exc:
             where = masked_url(spec.storage) if spec.storage else "its journal file"
             raise SweepError(f"{path}: no study '{spec.name}' in {where}: storage lost or moved") from exc
@@ -297,15 +316,17 @@ class SweepStudy:
     def recover_stale(self, now: float | None = None) -> list[int]:
         """Fail RUNNING trials without a heartbeat for `timeout_s` and re-enqueue them (within
         `max_retries`); returns the numbers of the trials this call failed. The failure says why the
-        trial's SLURM job ended, from one sacct call for all of them (none when nothing is stale)."""
+        trial's job ended, from one `job_outcomes` call for all of them (none when nothing is stale)."""
         now = time.time() if now is None else now
         running = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,))
         ages = [(t, now - _last_beat(t)) for t in running]
         stale = [(t, age) for t, age in ages if age > self.spec.timeout_s]
-        jobs = sacct_states(t.user_attrs["slurm_job"] for t, _ in stale if "slurm_job" in t.user_attrs)
+        if not stale:
+            return []
+        outcomes = self.job_outcomes([t.user_attrs for t, _ in stale])
         recovered = []
-        for frozen, age in stale:
-            reason, attrs = lost_reason(frozen, age, jobs)
+        for (frozen, age), outcome in zip(stale, outcomes, strict=True):
+            reason, attrs = lost_reason(frozen, age, outcome)
             if self._fail_and_retry(frozen, reason, limited=True, attrs=attrs):
                 recovered.append(frozen.number)
         return recovered
@@ -313,12 +334,11 @@ class SweepStudy:
     def requeue(self, claim: Claim, reason: str) -> bool:
         """Give back a trial this worker cannot finish (interrupted, preempted): FAIL it and enqueue
         its retry at once, whatever `max_retries` says (the retry resumes, so it makes progress).
-        Where sacct already says how the worker's SLURM job ends (a cancel, a time limit: Slurm
-        records it before it signals), the failure says so too; submitit's USR2 ahead of a time
+        Where `job_outcomes` already says how the worker's job ends (Slurm records a cancel or a
+        time limit before it signals), the failure says so too; submitit's USR2 ahead of a time
         limit finds the job still RUNNING and adds nothing."""
         frozen = self.storage.get_trial(claim.trial_id)
-        job_id = frozen.user_attrs.get("slurm_job")
-        what, why = job_outcome(frozen.user_attrs, sacct_states([job_id] if job_id else []))
+        [(what, why)] = self.job_outcomes([frozen.user_attrs])
         reason, attrs = (f"{reason}: {what}", {"exit_reason": why}) if why else (reason, {})
         return self._fail_and_retry(frozen, reason, limited=False, attrs=attrs)
 
@@ -402,27 +422,11 @@ class SweepStudy:
         return states.count(TrialState.WAITING), states.count(TrialState.RUNNING)
 
 
-def job_outcome(attrs: dict[str, Any], jobs: dict[str, JobState]) -> tuple[str, str]:
-    """What Slurm says of the job that claimed a trial (its user `attrs`): a description for the
-    failure reason ("" outside SLURM) and why the job ended ("" when it is unknown: no accounting,
-    or as far as Slurm knows it still runs: a stalled worker, or Slurm has not noticed yet)."""
-    job_id = attrs.get("slurm_job")
-    if job_id is None:
-        return "", ""
-    job = jobs.get(job_id)
-    if job is None:
-        return f"slurm job {job_id} (state unknown: no sacct, or it lags)", ""
-    if not job.exit_reason and job.start is not None and job.start > attrs.get("claimed_at", math.inf):
-        # live again, started after the claim: stopped and requeued, the trial's run is gone
-        return f"{job.describe()} again after a requeue", "requeued"
-    return job.describe(), job.exit_reason
-
-
-def lost_reason(frozen: FrozenTrial, age: float, jobs: dict[str, JobState]) -> tuple[str, dict[str, Any]]:
+def lost_reason(frozen: FrozenTrial, age: float, outcome: tuple[str, str]) -> tuple[str, dict[str, Any]]:
     """The failure reason of a trial whose worker stopped beating, and the user attrs that say why
-    its SLURM job ended (see `job_outcome`)."""
+    its job ended (`outcome`: one entry of `JobOutcomes`)."""
     reason = f"worker lost: no heartbeat for {age:.0f} s (worker {frozen.user_attrs.get('worker', '?')})"
-    what, why = job_outcome(frozen.user_attrs, jobs)
+    what, why = outcome
     return (f"{reason}: {what}" if what else reason), ({"exit_reason": why} if why else {})
 
 
