@@ -8,7 +8,7 @@ local executor, as `ablate sweep` does.
 1. Overhead: a grid of identical tiny trainings drained by `--workers` workers. The sweep's wall time
    (submission to the last trial finished) against the ideal sum(trial training times) / workers, and
    where the difference goes (worker start-up, per-trial setup, recording, claiming, idle at the end).
-2. Claim to first optimiser step, per trial (`claimed_at` user attr -> summary.json `first_step_at`),
+2. Claim to first optimiser step, per trial (the lease's `claimed_at` -> summary.json `first_step_at`),
    with an in-process breakdown of the setup (compose, data generation, model build).
 3. Pruning: the shipped `progress_search` sweep with its median pruner and with `pruner=none` at the
    same trial count; epochs spent, pruned trials and best objective of each. Both sweeps have the same
@@ -42,7 +42,7 @@ from launchers.config import compose_experiment
 from launchers.sweeps.local import submit_local_workers
 from launchers.sweeps.spec import load_sweep
 from sweepstate.spec import SweepSpec
-from sweepstate.study import SweepStudy
+from sweepstate.study import SweepStudy, lease_of
 
 REPO = Path(__file__).resolve().parents[1]
 # identical tiny trainings, one intra-op thread each so that 2 workers fill 2 cores without contention
@@ -92,9 +92,9 @@ def _timing(trial: FrozenTrial, run_dir: Path, summary: dict[str, Any]) -> Trial
     written = (run_dir / "summary.json").stat().st_mtime
     return TrialTiming(
         number=trial.number,
-        worker=trial.user_attrs["worker"],
+        worker=lease_of(trial)["worker"],
         state=trial.state.name,
-        claimed_at=float(trial.user_attrs["claimed_at"]),
+        claimed_at=float(lease_of(trial)["claimed_at"]),
         run_start=written - summary["wall_time_s"],
         first_step_at=summary.get("first_step_at"),
         train_s=float(summary["wall_time_s"]),

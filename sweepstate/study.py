@@ -1,18 +1,23 @@
-"""The trial queue of one sweep, kept in an Optuna study: storage, atomic claims, leases, retries.
+"""The trial queue of one sweep, kept in an Optuna study: atomic claims, leases, retries.
 
 The whole budget is enqueued once, when the sweep is created, as WAITING trials (grid points x seeds
-with fixed params; empty search trials that the sampler fills when they are claimed, so it sees the
-latest results). A worker claims a trial with the storage's WAITING -> RUNNING transition, which
-succeeds for exactly one process, so no trial runs twice and none is created beyond the budget.
+with their params already set; empty search trials that the sampler fills when they are claimed, so
+it sees the latest results). A worker claims a trial with the storage's WAITING -> RUNNING
+transition, which succeeds for exactly one process, so no trial runs twice and none is created
+beyond the budget. Concurrent claims do not queue on one trial: on an RDB a claim takes the oldest
+trial no other claim holds (SKIP LOCKED); on the journal a worker that lost the race for the oldest
+tries the next few in its own random order.
 
 Optuna has no leases for journal storage and only `optimize`-driven ones for RDB, so they live
-here: a claimed trial carries a heartbeat (a trial system attr). A RUNNING trial whose heartbeat is
-older than `timeout_s` belonged to a dead worker; the process whose RUNNING -> FAIL transition
-succeeds (only one can) re-enqueues the same params, seed and trial key with attempt + 1, and the
-retry resumes from the run dir's last checkpoint. Heartbeats are wall-clock times, so the hosts of
-one sweep need clocks in sync to well below `timeout_s`. A trial claimed inside a SLURM job records
-the job id, so that a lost trial's failure says why its job ended (timeout, preempted, ...): the
-launcher that knows how to ask injects that as `job_outcomes`; this module knows no launcher.
+here: a claimed trial carries a lease (a trial system attr: worker, claim time, SLURM job, last
+heartbeat), written once at the claim and rewritten by each heartbeat. A RUNNING trial whose
+heartbeat is older than `timeout_s` belonged to a dead worker; the process whose RUNNING -> FAIL
+transition succeeds (only one can) re-enqueues the same params, seed and trial key with attempt + 1,
+and the retry resumes from the run dir's last checkpoint. Heartbeats are wall-clock times, so the
+hosts of one sweep need clocks in sync to well below `timeout_s`. A trial claimed inside a SLURM job
+records the job id, so that a lost trial's failure says why its job ended (timeout, preempted, ...):
+the launcher that knows how to ask injects that as `job_outcomes`; this module knows no launcher.
+Every storage operation rides out transient errors (sweepstate.storage.retrying).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-import re
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -32,37 +37,40 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import atomic_write_json
 from sweepstate.spec import ParamSpec, SweepError, SweepSpec, trial_key
+from sweepstate.storage import (
+    TRANSIENT_ERRORS,
+    add_waiting_trials,
+    claim_next_rdb,
+    count_states,
+    masked_url,
+    open_storage,
+    rdb_engine,
+    retrying,
+)
 
-HEARTBEAT_ATTR = "ablate:heartbeat"  # trial system attr: time.time() of the last heartbeat
+LEASE_ATTR = "ablate:lease"  # trial system attr: {worker, claimed_at, slurm_job, beat} of a claimed trial
 SPEC_ATTR = "ablate:spec"  # study user attr: spec.to_dict() of the sweep that created the study
 SEED_PARAM = "seed"  # grid trials carry their seed as a categorical param next to the axes
-SQLITE_TIMEOUT_S = 300  # workers wait this long for the database lock instead of failing
 # Spec fields that do not change which trials a sweep runs: a sweep may be continued with new ones.
 OPERATIONAL_FIELDS = frozenset({"path", "workers", "launcher", "heartbeat_s", "timeout_s", "max_retries"})
 
-# Why the jobs that claimed some trials ended, from the trials' user attrs (one batched query for all):
+# Why the jobs that claimed some trials ended, from the trials' leases (one batched query for all):
 # per trial (what the job's state says, for the failure reason; why it ended, "" when unknown).
 JobOutcomes = Callable[[list[dict[str, Any]]], list[tuple[str, str]]]
 
 
-def no_job_accounting(attrs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def no_job_accounting(leases: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The `JobOutcomes` of a sweep read without a launcher (analysis, local workers): nothing known."""
-    return [("", "")] * len(attrs)
+    return [("", "")] * len(leases)
 
 
 # Optuna's INFO lines ("A new study created in Journal ...") only repeat what the CLI and workers say
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def masked_url(url: str) -> str:
-    """`url` with its password replaced by ***, for anything printed or logged."""
-    return re.sub(r"^([\w+.-]+://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def sweep_dir_for(root: Path, name: str) -> Path:
@@ -73,37 +81,9 @@ def _stable_int(*parts: Any) -> int:
     return int(hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:8], 16)
 
 
-def _serialize_sqlite(storage: RDBStorage) -> None:
-    """Make every SQLite transaction take the write lock at BEGIN.
-
-    pysqlite starts a transaction only at the first write, so two processes can both read a trial
-    as WAITING and both claim it; BEGIN IMMEDIATE makes the read and the write one atomic step."""
-    import sqlalchemy
-
-    sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-
-def open_storage(spec: SweepSpec, sweep_dir: Path) -> BaseStorage:
-    """The storage named by `spec.storage`: None -> journal file in the sweep dir (many processes, NFS
-    safe), "sqlite" -> `<sweep dir>/optuna.db`, anything else -> an RDB URL (PostgreSQL on clusters)."""
-    sweep_dir = Path(sweep_dir)
-    if spec.storage is None:
-        path = str(sweep_dir / "optuna.journal")
-        # a lock left by a killed process is broken after `grace` s; well below the lease timeout, so
-        # that a stuck lock cannot delay heartbeats long enough to make live trials look lost
-        grace = max(3, min(30, int(spec.timeout_s) // 4))
-        return JournalStorage(
-            JournalFileBackend(path, lock_obj=JournalFileOpenLock(path, grace_period=grace))
-        )
-    url = f"sqlite:///{sweep_dir / 'optuna.db'}" if spec.storage == "sqlite" else spec.storage
-    if url.startswith("sqlite"):
-        # isolation_level=None: pysqlite emits no BEGIN of its own; _serialize_sqlite emits ours
-        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S, "isolation_level": None}}
-        rdb = RDBStorage(url, engine_kwargs=kwargs)
-        _serialize_sqlite(rdb)
-    else:
-        rdb = RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    return optuna.storages.get_storage(rdb)  # the cached wrapper Optuna itself uses for RDB
+def lease_of(frozen: FrozenTrial) -> dict[str, Any]:
+    """The lease of a claimed trial ({} for one never claimed)."""
+    return frozen.system_attrs.get(LEASE_ATTR) or {}
 
 
 @contextmanager
@@ -131,10 +111,19 @@ def _check_same_sweep(spec: SweepSpec, old: dict[str, Any], sweep_dir: Path, che
     )
 
 
-def _queue(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(fixed params, user attrs) of every trial of the budget, in slot order."""
+def _queue(spec: SweepSpec) -> list[FrozenTrial]:
+    """The WAITING trials of the whole budget, in slot order: a grid trial with its params (axis
+    labels and seed) already set, a search trial with its slot and seed (the sampler fills it)."""
     if spec.mode == "search":
-        return [({}, {"slot": slot, "attempt": 1}) for slot in range(spec.budget)]
+        return [
+            _waiting({}, {}, {"slot": slot, "attempt": 1, "seed": spec.seeds[slot % len(spec.seeds)]})
+            for slot in range(spec.budget)
+        ]
+    dists = {
+        axis: optuna.distributions.CategoricalDistribution([lb for lb, _ in values])
+        for axis, values in spec.grid
+    }
+    dists[SEED_PARAM] = optuna.distributions.CategoricalDistribution(list(spec.seeds))
     queue = []
     for point in spec.grid_points():
         for seed in spec.seeds:
@@ -144,8 +133,27 @@ def _queue(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
                 "seed": seed,
                 "trial_key": trial_key(spec.name, point, seed),
             }
-            queue.append(({**point, SEED_PARAM: seed}, attrs))
+            queue.append(_waiting({**point, SEED_PARAM: seed}, dists, attrs))
     return queue
+
+
+def _waiting(params: dict[str, Any], dists: dict[str, Any], user_attrs: dict[str, Any]) -> FrozenTrial:
+    """A WAITING trial to enqueue. (Not optuna.trial.create_trial: its checks of every distribution
+    took most of the time to create a 10,000-trial grid; these params come from their distributions.)"""
+    return FrozenTrial(
+        number=-1,
+        state=TrialState.WAITING,
+        value=None,
+        values=None,
+        datetime_start=None,
+        datetime_complete=None,
+        params=params,
+        distributions=dists,
+        user_attrs=user_attrs,
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class Claim:
     run_dir: Path
     overrides: list[str]
     attempt: int
+    lease: dict[str, Any]  # as written at the claim; each heartbeat rewrites it with a new `beat`
 
 
 @dataclass(frozen=True)
@@ -196,26 +205,43 @@ class SweepStudy:
     ) -> None:
         self.spec, self.sweep_dir, self.storage = spec, Path(sweep_dir), storage
         self.job_outcomes = job_outcomes
-        self.study_id = storage.get_study_id_from_name(spec.name)
+        self._engine = rdb_engine(storage)
+        # a journal claim tries the oldest WAITING trials in this process's own order (see claim)
+        self._rng = random.Random(f"{os.getpid()}-{time.time_ns()}")
+        self._last_recovery = -math.inf
+        self.study_id = self._retry(lambda: storage.get_study_id_from_name(spec.name), "open the study")
         self._pruner = spec.make_pruner()
         # QMC draws points from one scrambled sequence shared through the storage: one seed for all
         self._shared_sampler = (
             spec.make_sampler(_stable_int(spec.name)) if spec.sampler["name"] == "qmc" else None
         )
-        self._study = self._load(self._shared_sampler or optuna.samplers.RandomSampler())  # enqueues retries
+        self._study = self._retry(
+            lambda: optuna.load_study(
+                study_name=spec.name,
+                storage=storage,
+                sampler=self._shared_sampler or optuna.samplers.RandomSampler(),
+                pruner=self._pruner,
+            ),
+            "load the study",
+        )
+
+    def _retry(self, operation: Callable[[], Any], what: str) -> Any:
+        """`operation` through transient storage errors for up to the lease timeout: longer, and the
+        trials of this worker are declared lost anyway (StorageUnavailable then)."""
+        return retrying(operation, f"sweep {self.spec.name}: {what}", self.spec.timeout_s)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, spec: SweepSpec, root: Path, job_outcomes: JobOutcomes = no_job_accounting) -> SweepStudy:
         """Create the sweep (or continue it: idempotent, safe when run concurrently) and enqueue its
-        budget exactly once. A sweep of that name with a different spec is an error."""
+        budget exactly once, in one write. A sweep of that name with a different spec is an error."""
         sweep_dir = sweep_dir_for(root, spec.name)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(sweep_dir / ".create.lock"):
             saved = sweep_dir / "sweep.json"
             if saved.exists():
                 _check_same_sweep(spec, json.loads(saved.read_text()), sweep_dir, check_storage=True)
-            storage = open_storage(spec, sweep_dir)
+            storage = open_storage(spec.storage, sweep_dir, spec.timeout_s)
             with suppress(DuplicatedStudyError):
                 optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction)
             study = optuna.load_study(study_name=spec.name, storage=storage)
@@ -223,10 +249,9 @@ class SweepStudy:
                 _check_same_sweep(spec, study.user_attrs[SPEC_ATTR], sweep_dir, check_storage=False)
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             atomic_write_json(saved, spec.to_dict())
-            enqueued = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False)}
-            for slot, (params, attrs) in enumerate(_queue(spec)):
-                if slot not in enqueued:  # only slots a create killed half-way did not enqueue
-                    study.enqueue_trial(params, user_attrs=attrs)
+            # the enqueue is one write: a create killed half-way enqueued all its trials or none
+            if not count_states(storage, study._study_id):
+                add_waiting_trials(storage, study._study_id, _queue(spec))
         return cls(spec, sweep_dir, storage, job_outcomes)
 
     @classmethod
@@ -240,77 +265,112 @@ class SweepStudy:
         if not (path / "sweep.json").exists():
             raise SweepError(f"{path}: no sweep here (no sweep.json); create it with `ablate sweep {sweep}`")
         spec = SweepSpec.from_dict(json.loads((path / "sweep.json").read_text()))
-        storage = open_storage(spec, path)
+        storage = open_storage(spec.storage, path, spec.timeout_s)
         try:
             return cls(spec, path, storage, job_outcomes)
         except KeyError as exc:
             where = masked_url(spec.storage) if spec.storage else "its journal file"
             raise SweepError(f"{path}: no study '{spec.name}' in {where}: storage lost or moved") from exc
 
-    def _load(self, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-        return optuna.load_study(
-            study_name=self.spec.name, storage=self.storage, sampler=sampler, pruner=self._pruner
-        )
-
     # ------------------------------------------------------------------ claims
     def claim(self, worker: str, slurm_job: str | None = None) -> Claim | None:
-        """Atomically take a WAITING trial (after recovering trials of dead workers); None if none.
-        `slurm_job`: the claiming worker's SLURM job id, recorded on the trial."""
-        self.recover_stale()
-        for frozen in self.storage.get_all_trials(
-            self.study_id, deepcopy=False, states=(TrialState.WAITING,)
-        ):
+        """Atomically take a WAITING trial; None if none is waiting. `slurm_job`: the claiming
+        worker's SLURM job id, recorded in the lease. (Trials of dead workers come back to the
+        queue through `recover_stale`, which the worker loop calls.)"""
+        return self._retry(lambda: self._claim(worker, slurm_job), "claim a trial")
+
+    def _claim(self, worker: str, slurm_job: str | None) -> Claim | None:
+        for trial_id in self._candidates():
+            if self._engine is None:
+                try:
+                    if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                        continue  # another worker got it first
+                except UpdateFinishedTrialError:
+                    continue
             try:
-                if not self.storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING):
-                    continue  # another worker got it first
-            except UpdateFinishedTrialError:
-                continue
-            try:
-                return self._start(frozen._trial_id, frozen.number, worker, slurm_job)
+                return self._start(trial_id, worker, slurm_job)
             except Exception as exc:
-                self._fail(frozen._trial_id, f"claim failed: {type(exc).__name__}: {exc}")
+                # the storage failed mid-claim: the trial goes back to the queue (the claim is
+                # retried); anything else is this trial's own failure
+                reason = f"claim failed: {type(exc).__name__}: {exc}"
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    self._fail_and_retry(self.storage.get_trial(trial_id), reason, limited=False)
+                else:
+                    self._fail(trial_id, reason)
                 raise
         return None
 
-    def _start(self, trial_id: int, number: int, worker: str, slurm_job: str | None) -> Claim:
+    def _candidates(self) -> Iterator[int]:
+        """Trial ids to try to claim. RDB: the one trial a SKIP LOCKED claim already took. Journal:
+        the oldest WAITING trial, then - once a race for it was lost - the next `workers` in this
+        process's own random order, so that concurrent claims stop racing for the same trial."""
+        if self._engine is not None:
+            trial_id = claim_next_rdb(self._engine, self.study_id)
+            if trial_id is not None:
+                yield trial_id
+            return
+        waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return
+        yield waiting[0]._trial_id
+        window = max(1, self.spec.workers)
+        head = [t._trial_id for t in waiting[1 : window + 1]]
+        self._rng.shuffle(head)
+        yield from head
+        yield from (t._trial_id for t in waiting[window + 1 :])
+
+    def _start(self, trial_id: int, worker: str, slurm_job: str | None) -> Claim:
         spec = self.spec
-        # a fresh sampler per trial: concurrent claims draw differently, a trial's draw is reproducible
-        sampler = self._shared_sampler or spec.make_sampler(_stable_int(spec.name, number))
-        trial = optuna.Trial(self._load(sampler), trial_id)
-        attrs = trial.user_attrs
+        now = time.time()
+        lease = {"worker": worker, "claimed_at": now, "beat": now}
+        if slurm_job is not None:
+            lease["slurm_job"] = slurm_job
+        # the lease is the claim's one write (grid trials carry their params from the enqueue)
+        self.storage.set_trial_system_attr(trial_id, LEASE_ATTR, lease)
+        if spec.mode == "search":
+            # a fresh sampler per trial: concurrent claims draw differently, a trial's draw is reproducible
+            number = self.storage.get_trial(trial_id).number
+            self._study.sampler = self._shared_sampler or spec.make_sampler(_stable_int(spec.name, number))
+            # the Study's cached RDB wrapper knows only trials it has read, and a claim made in SQL
+            # is new to it (its set_trial_param would fail): one read of the study's trials (which
+            # the sampler makes anyway) brings it in
+            self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        trial = optuna.Trial(self._study, trial_id)
+        frozen = trial._cached_frozen_trial
+        attrs = frozen.user_attrs
         if spec.mode == "grid":
-            params = {
-                axis: trial.suggest_categorical(axis, [label for label, _ in values])
-                for axis, values in spec.grid
-            }
-            seed = trial.suggest_categorical(SEED_PARAM, list(spec.seeds))
+            params = {axis: frozen.params[axis] for axis, _ in spec.grid}
+            seed = frozen.params[SEED_PARAM]
         else:
             params = {p.path: _suggest(trial, p) for p in spec.params}
-            seed = attrs.get("seed", spec.seeds[attrs.get("slot", number) % len(spec.seeds)])
+            seed = attrs["seed"]
         key = trial_key(spec.name, params, seed)
-        attempt = int(attrs.get("attempt", 1))
-        for name, value in {"trial_key": key, "seed": seed, "worker": worker, "attempt": attempt}.items():
-            trial.set_user_attr(name, value)
-        trial.set_user_attr("claimed_at", time.time())
-        if slurm_job is not None:
-            trial.set_user_attr("slurm_job", slurm_job)
-        claim = Claim(
+        if attrs.get("trial_key") != key:
+            trial.set_user_attr("trial_key", key)
+        return Claim(
             trial=trial,
             trial_id=trial_id,
-            number=number,
+            number=frozen.number,
             params=params,
             seed=seed,
             key=key,
             run_dir=self.sweep_dir / "trials" / key,
             overrides=spec.trial_overrides(params, seed),
-            attempt=attempt,
+            attempt=int(attrs.get("attempt", 1)),
+            lease=lease,
         )
-        self.heartbeat(claim)
-        return claim
 
     def heartbeat(self, claim: Claim) -> None:
-        """Renew the lease; raises UpdateFinishedTrialError once the trial was declared lost."""
-        self.storage.set_trial_system_attr(claim.trial_id, HEARTBEAT_ATTR, time.time())
+        """Renew the lease (one write); raises UpdateFinishedTrialError once the trial was declared lost."""
+        lease = {**claim.lease, "beat": time.time()}
+        beat = self.storage.set_trial_system_attr
+        self._retry(lambda: beat(claim.trial_id, LEASE_ATTR, lease), "heartbeat")
+
+    def report(self, claim: Claim, value: float, step: int) -> bool:
+        """Report an intermediate objective value; True when the pruner says to stop the trial.
+        Raises UpdateFinishedTrialError once the trial was declared lost."""
+        self._retry(lambda: claim.trial.report(value, step), "report")
+        return bool(self._retry(claim.trial.should_prune, "ask the pruner"))
 
     # ------------------------------------------------------------------ leases and retries
     def recover_stale(self, now: float | None = None) -> list[int]:
@@ -318,12 +378,16 @@ class SweepStudy:
         `max_retries`); returns the numbers of the trials this call failed. The failure says why the
         trial's job ended, from one `job_outcomes` call for all of them (none when nothing is stale)."""
         now = time.time() if now is None else now
-        running = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        ages = [(t, now - _last_beat(t)) for t in running]
-        stale = [(t, age) for t, age in ages if age > self.spec.timeout_s]
+        self._last_recovery = time.monotonic()
+        running = self._retry(
+            lambda: self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,)),
+            "read the running trials",
+        )
+        stale = [(t, now - _last_beat(t)) for t in running]
+        stale = [(t, age) for t, age in stale if age > self.spec.timeout_s]
         if not stale:
             return []
-        outcomes = self.job_outcomes([t.user_attrs for t, _ in stale])
+        outcomes = self.job_outcomes([lease_of(t) for t, _ in stale])
         recovered = []
         for (frozen, age), outcome in zip(stale, outcomes, strict=True):
             reason, attrs = lost_reason(frozen, age, outcome)
@@ -331,27 +395,37 @@ class SweepStudy:
                 recovered.append(frozen.number)
         return recovered
 
+    def recover_stale_if_due(self) -> list[int]:
+        """`recover_stale`, at most every `heartbeat_s` from one process: a lease needs `timeout_s`
+        to expire, and many workers looking at every claim would only load the storage."""
+        if time.monotonic() - self._last_recovery < self.spec.heartbeat_s:
+            return []
+        return self.recover_stale()
+
     def requeue(self, claim: Claim, reason: str) -> bool:
         """Give back a trial this worker cannot finish (interrupted, preempted): FAIL it and enqueue
         its retry at once, whatever `max_retries` says (the retry resumes, so it makes progress).
         Where `job_outcomes` already says how the worker's job ends (Slurm records a cancel or a
         time limit before it signals), the failure says so too; submitit's USR2 ahead of a time
         limit finds the job still RUNNING and adds nothing."""
-        frozen = self.storage.get_trial(claim.trial_id)
-        [(what, why)] = self.job_outcomes([frozen.user_attrs])
+        frozen = self._retry(lambda: self.storage.get_trial(claim.trial_id), "read the trial")
+        [(what, why)] = self.job_outcomes([lease_of(frozen)])
         reason, attrs = (f"{reason}: {what}", {"exit_reason": why}) if why else (reason, {})
         return self._fail_and_retry(frozen, reason, limited=False, attrs=attrs)
 
     def _fail(self, trial_id: int, reason: str, attrs: dict[str, Any] | None = None) -> bool:
         """RUNNING -> FAIL with `reason` (and user `attrs`); False if the trial had already finished
         (another process won)."""
-        try:
-            for name, value in {**(attrs or {}), "fail_reason": reason}.items():
-                self.storage.set_trial_user_attr(trial_id, name, value)
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False
-        return True
+
+        def fail() -> bool:
+            try:
+                for name, value in {**(attrs or {}), "fail_reason": reason}.items():
+                    self.storage.set_trial_user_attr(trial_id, name, value)
+                return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                return False
+
+        return self._retry(fail, "fail a trial")
 
     def _fail_and_retry(
         self, frozen: FrozenTrial, reason: str, limited: bool, attrs: dict[str, Any] | None = None
@@ -362,10 +436,13 @@ class SweepStudy:
         attempt = int(frozen.user_attrs.get("attempt", 1))
         if limited and attempt >= self.spec.max_retries + 1:
             return True
-        attrs = {k: frozen.user_attrs[k] for k in ("slot", "seed", "trial_key") if k in frozen.user_attrs}
-        self._study.enqueue_trial(
-            dict(frozen.params), user_attrs={**attrs, "attempt": attempt + 1, "retry_of": frozen.number}
+        kept = {k: frozen.user_attrs[k] for k in ("slot", "seed", "trial_key") if k in frozen.user_attrs}
+        retry = _waiting(
+            dict(frozen.params),
+            dict(frozen.distributions),
+            {**kept, "attempt": attempt + 1, "retry_of": frozen.number},
         )
+        self._retry(lambda: add_waiting_trials(self.storage, self.study_id, [retry]), "enqueue a retry")
         return True
 
     # ------------------------------------------------------------------ results
@@ -379,19 +456,30 @@ class SweepStudy:
             state, reason = TrialState.FAIL, f"objective {self.spec.metric} is {value}"
         if state == TrialState.FAIL:
             return self._fail(claim.trial_id, reason or "failed")
-        if self.storage.get_trial(claim.trial_id).state != TrialState.RUNNING:
-            return False
-        try:
-            claim.trial.study.tell(claim.trial, value if state == TrialState.COMPLETE else None, state=state)
-        except UpdateFinishedTrialError:
-            return False
-        return True
+
+        def tell() -> bool:
+            try:
+                claim.trial.study.tell(
+                    claim.trial, value if state == TrialState.COMPLETE else None, state=state
+                )
+            except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
+                # declared lost meanwhile, or this very tell committed before a transient error
+                frozen = self.storage.get_trial(claim.trial_id)
+                return (
+                    frozen.state == state and lease_of(frozen).get("claimed_at") == claim.lease["claimed_at"]
+                )
+            return True
+
+        return self._retry(tell, "record the outcome")
 
     def trials(self) -> list[TrialRecord]:
         now = time.time()
         records = []
-        for t in self.storage.get_all_trials(self.study_id, deepcopy=False):
-            attrs = t.user_attrs
+        frozen_trials = self._retry(
+            lambda: self.storage.get_all_trials(self.study_id, deepcopy=False), "read trials"
+        )
+        for t in frozen_trials:
+            attrs, lease = t.user_attrs, lease_of(t)
             params = {k: v for k, v in t.params.items() if not (self.spec.mode == "grid" and k == SEED_PARAM)}
             key = attrs.get("trial_key")
             last_epoch = max(t.intermediate_values, default=None)
@@ -406,11 +494,11 @@ class SweepStudy:
                     last_value=None if last_epoch is None else t.intermediate_values[last_epoch],
                     last_epoch=last_epoch,
                     heartbeat_age=now - _last_beat(t) if t.state == TrialState.RUNNING else None,
-                    worker=attrs.get("worker"),
+                    worker=lease.get("worker"),
                     attempt=int(attrs.get("attempt", 1)),
                     reason=attrs.get("fail_reason") if t.state == TrialState.FAIL else None,
                     run_dir=self.sweep_dir / "trials" / key if key else None,
-                    slurm_job=attrs.get("slurm_job"),
+                    slurm_job=lease.get("slurm_job"),
                     exit_reason=attrs.get("exit_reason"),
                 )
             )
@@ -418,23 +506,23 @@ class SweepStudy:
 
     def remaining_work(self) -> tuple[int, int]:
         """(waiting, running) trials."""
-        states = [t.state for t in self.storage.get_all_trials(self.study_id, deepcopy=False)]
-        return states.count(TrialState.WAITING), states.count(TrialState.RUNNING)
+        counts = self._retry(lambda: count_states(self.storage, self.study_id), "count trials")
+        return counts.get(TrialState.WAITING, 0), counts.get(TrialState.RUNNING, 0)
 
 
 def lost_reason(frozen: FrozenTrial, age: float, outcome: tuple[str, str]) -> tuple[str, dict[str, Any]]:
     """The failure reason of a trial whose worker stopped beating, and the user attrs that say why
     its job ended (`outcome`: one entry of `JobOutcomes`)."""
-    reason = f"worker lost: no heartbeat for {age:.0f} s (worker {frozen.user_attrs.get('worker', '?')})"
+    reason = f"worker lost: no heartbeat for {age:.0f} s (worker {lease_of(frozen).get('worker', '?')})"
     what, why = outcome
     return (f"{reason}: {what}" if what else reason), ({"exit_reason": why} if why else {})
 
 
 def _last_beat(frozen: FrozenTrial) -> float:
-    beat = frozen.system_attrs.get(HEARTBEAT_ATTR)
+    beat = lease_of(frozen).get("beat")
     if beat is not None:
         return float(beat)
-    start = frozen.datetime_start  # claimed but died before its first heartbeat
+    start = frozen.datetime_start  # claimed but died before it wrote its lease
     return start.timestamp() if start is not None else time.time()
 
 

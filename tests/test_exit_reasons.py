@@ -10,6 +10,7 @@ from optuna.trial import TrialState, create_trial
 from launchers.sweeps import slurm
 from launchers.sweeps.slurm import JobState, exit_reason, job_outcome
 from launchers.sweeps.status import SweepJobs
+from sweepstate.study import LEASE_ATTR, lease_of
 from sweepstate.study import lost_reason as sweep_lost_reason
 
 
@@ -67,18 +68,18 @@ def test_job_phase_and_description():
     assert job(state="RUNNING", exit_code="").describe() == "slurm job 123_4 RUNNING"
 
 
-def running_trial(**attrs) -> object:
+def running_trial(**lease) -> object:
     return create_trial(
         state=TrialState.RUNNING,
         params={"trainer.lr": 0.001},
         distributions={"trainer.lr": FloatDistribution(1e-4, 1e-2)},
-        user_attrs={"worker": "w7", **attrs},
+        system_attrs={LEASE_ATTR: {"worker": "w7", **lease}},
     )
 
 
 def lost_reason(trial, age: float, jobs: dict[str, JobState]) -> tuple[str, dict]:
     """The queue's lost_reason with SLURM's job outcome injected, as the launchers inject it."""
-    return sweep_lost_reason(trial, age, job_outcome(trial.user_attrs, jobs))
+    return sweep_lost_reason(trial, age, job_outcome(lease_of(trial), jobs))
 
 
 def test_lost_reason_says_why_the_trial_job_ended():

@@ -183,7 +183,7 @@ def test_lost_trial_is_failed_once_and_retried_with_same_key(tmp_path, storage):
     )
     assert study.remaining_work() == (2, 0)
 
-    claims = [study.claim("w1"), study.claim("w1")]  # the other trial, then the retry
+    claims = sorted([study.claim("w1"), study.claim("w1")], key=lambda c: c.number)  # the other, the retry
     retry = claims[1]
     assert claims[0].attempt == 1 and retry.attempt == 2 and retry.number == 2
     assert (retry.key, retry.seed, retry.params) == (first.key, first.seed, first.params)
@@ -206,7 +206,7 @@ def test_a_lost_trial_names_the_slurm_job_that_claimed_it(tmp_path, monkeypatch)
     on_slurm = study.claim("w-slurm", slurm_job="4242_1")
     local = study.claim("w-local")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sacct (a laptop reading the sweep): no reason, no error
-    assert study.recover_stale(now=time.time() + 6) == [on_slurm.number, local.number]
+    assert sorted(study.recover_stale(now=time.time() + 6)) == sorted([on_slurm.number, local.number])
     trials = study.trials()
     lost = trials[on_slurm.number]
     assert lost.slurm_job == "4242_1" and lost.exit_reason is None

@@ -323,7 +323,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
 
 
 def job_outcome(attrs: dict[str, Any], jobs: dict[str, JobState]) -> tuple[str, str]:
-    """What Slurm says of the job that claimed a trial (its user `attrs`): a description for the
+    """What Slurm says of the job that claimed a trial (`attrs`: the trial's lease): a description for the
     failure reason ("" outside SLURM) and why the job ended ("" when it is unknown: no accounting,
     or as far as Slurm knows it still runs: a stalled worker, or Slurm has not noticed yet)."""
     job_id = attrs.get("slurm_job")
@@ -339,6 +339,6 @@ def job_outcome(attrs: dict[str, Any], jobs: dict[str, JobState]) -> tuple[str, 
 
 
 def trial_job_outcomes(attrs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The sweep queue's `JobOutcomes` on SLURM: one sacct call for all the trials' jobs."""
+    """The sweep queue's `JobOutcomes` on SLURM (`attrs`: the trials' leases): one sacct call for all."""
     jobs = sacct_states(a["slurm_job"] for a in attrs if "slurm_job" in a)
     return [job_outcome(a, jobs) for a in attrs]

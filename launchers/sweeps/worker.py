@@ -41,6 +41,7 @@ from core.train.signals import stop_on_signals, stop_requested
 from launchers.config import compose_experiment
 from launchers.sweeps.slurm import current_job_id, trial_job_outcomes
 from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
+from sweepstate.storage import StorageUnavailable
 from sweepstate.study import Claim, SweepStudy
 
 
@@ -60,6 +61,7 @@ class Lease:
     def __init__(self, study: SweepStudy, claim: Claim, worker: str) -> None:
         self.study, self.claim, self.worker = study, claim, worker
         self.lost = threading.Event()
+        self.storage_down: StorageUnavailable | None = None  # the heartbeat's retries ran out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{claim.number}", daemon=True)
 
@@ -70,7 +72,10 @@ class Lease:
             except UpdateFinishedTrialError:
                 self.lost.set()
                 return
-            except Exception as exc:  # a storage hiccup (database restart, NFS): keep trying
+            except StorageUnavailable as exc:  # transient errors retried for the lease timeout
+                self.storage_down = exc
+                return
+            except Exception as exc:  # anything else: keep trying
                 log(
                     self.worker, f"heartbeat of trial {self.claim.number} failed: {type(exc).__name__}: {exc}"
                 )
@@ -92,14 +97,15 @@ class TrialReporter:
         self.claim, self.metric, self.lease = claim, metric, lease
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.lease.storage_down is not None:
+            raise self.lease.storage_down
         if self.lease.lost.is_set():
             raise LeaseLost(f"trial {self.claim.number} was declared lost; its retry carries on")
         value = metrics.get(self.metric)
         if value is None:  # not evaluated this epoch (trainer.eval_every)
             return
         try:
-            self.claim.trial.report(value, epoch)
-            prune = self.claim.trial.should_prune()
+            prune = self.lease.study.report(self.claim, value, epoch)
         except UpdateFinishedTrialError as exc:
             raise LeaseLost(str(exc)) from exc
         if prune:
@@ -162,6 +168,11 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
         except LeaseLost as exc:
             log(worker, f"trial {claim.number} abandoned: {exc}")
             return "LOST"
+        except StorageUnavailable as exc:
+            # give the trial back if the storage lets us (else its lease expires); the worker ends
+            with contextlib.suppress(StorageUnavailable):
+                study.requeue(claim, f"storage unavailable (worker {worker}): {exc}")
+            raise
         except Interrupted as exc:
             # a stop signal (see run_worker): the trial saved a checkpoint, its retry resumes from it
             study.requeue(claim, f"interrupted: {exc} (worker {worker})")
@@ -305,7 +316,7 @@ def _drain(sweep_dir: Path, worker: str, ctx: DistContext) -> int:
         if (stop := stop_requested()) is not None:
             announce(None)
             _leave(study, worker, stop, ran)
-        for trial in study.recover_stale():
+        for trial in study.recover_stale_if_due():
             log(worker, f"trial {trial}: its worker is lost (no heartbeat); failed and re-enqueued")
         claim = study.claim(worker, slurm_job=current_job_id())
         if claim is not None:
@@ -334,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, WorkerStopped) as exc:
         log(args.worker, f"interrupted ({exc or 'Ctrl-C'})")
         return 130
+    except StorageUnavailable as exc:
+        log(
+            args.worker,
+            f"stopped: {exc}; its trial (if any) is back in the queue, or will be at its lease end",
+        )
+        return 1
     return 0
 
 
