@@ -7,9 +7,10 @@ and the few operations where Optuna's one-trial-at-a-time API is what makes a sw
   break the lock of a dead process. Linux maps flock to POSIX locks on NFS, so it holds there too.
 - RDB (SQLite, PostgreSQL): one connection per process (pool_size 1, plus one more only while two
   threads need one at once), so a PostgreSQL server needs max_connections above the number of
-  workers, with some headroom (or a pooler in front). A claim is one `UPDATE ... WHERE trial_id = (SELECT
-  ... FOR UPDATE SKIP LOCKED)` instead of reading every WAITING trial; enqueueing and counting are
-  one statement each. These go through Optuna's own table models (optuna.storages._rdb.models).
+  workers, with some headroom (or a pooler in front). A claim is one `UPDATE ... WHERE trial_id =
+  (SELECT ... FOR UPDATE SKIP LOCKED)` plus the lease's INSERT in one transaction, instead of
+  reading every WAITING trial; a heartbeat is one UPDATE; enqueueing and counting are one
+  transaction each. These go through Optuna's own table models (optuna.storages._rdb.models).
 - Transient errors (connection refused, dropped or exhausted, deadlocks, serialisation failures,
   failed commits, a busy SQLite, an NFS hiccup) are retried with jittered exponential back-off and
   logged; when they persist for the sweep's lease timeout the operation raises StorageUnavailable.
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.exceptions import StorageInternalError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
@@ -128,11 +129,12 @@ def open_storage(storage: str | None, sweep_dir: Path, patience_s: float = 60.0)
         # one connection per process, checked before use (a restarted server); a second one only
         # while two threads need one at once (Optuna's own setup nests two sessions; a heartbeat
         # during a report), closed again at once
+        # (no pool_pre_ping: a round trip per operation; a dropped connection fails the operation,
+        # which is retried on a fresh one)
         kwargs = {
             "pool_size": 1,
             "max_overflow": 1,
             "pool_timeout": patience_s,
-            "pool_pre_ping": True,
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {},
         }
     rdb = retrying(lambda: RDBStorage(url, engine_kwargs=kwargs), f"open {masked_url(url)}", patience_s)
@@ -166,11 +168,13 @@ def _tables() -> Any:
 # ---------------------------------------------------------------------------------------------- claims
 
 
-def claim_next_rdb(engine: sqlalchemy.Engine, study_id: int) -> int | None:
-    """WAITING -> RUNNING for the oldest WAITING trial no other transaction holds, in one statement;
-    its trial id, or None when none is waiting. PostgreSQL (and MySQL) skip rows another claim has
-    locked instead of waiting for them; SQLite serialises the whole transaction (BEGIN IMMEDIATE)."""
-    trials = _tables().TrialModel.__table__
+def claim_next_rdb(engine: sqlalchemy.Engine, study_id: int, attr: str, value: Any) -> int | None:
+    """WAITING -> RUNNING for the oldest WAITING trial no other transaction holds, with the system
+    attr `attr` = `value` (the lease), in one transaction; its trial id, or None when none is
+    waiting. PostgreSQL (and MySQL) skip rows another claim has locked instead of waiting for them;
+    SQLite serialises the whole transaction (BEGIN IMMEDIATE)."""
+    models = _tables()
+    trials = models.TrialModel.__table__
     oldest = (
         sqlalchemy.select(trials.c.trial_id)
         .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
@@ -186,7 +190,31 @@ def claim_next_rdb(engine: sqlalchemy.Engine, study_id: int) -> int | None:
         .returning(trials.c.trial_id)
     )
     with engine.begin() as conn:
-        return conn.execute(claim).scalar_one_or_none()
+        trial_id = conn.execute(claim).scalar_one_or_none()
+        if trial_id is not None:
+            attrs = models.TrialSystemAttributeModel.__table__
+            row = {"trial_id": trial_id, "key": attr, "value_json": json.dumps(value)}
+            conn.execute(sqlalchemy.insert(attrs).values(row))
+        return trial_id
+
+
+def set_running_attr_rdb(engine: sqlalchemy.Engine, trial_id: int, attr: str, value: Any) -> None:
+    """Rewrite the system attr `attr` (written at the claim) of a RUNNING trial, in one statement
+    (Optuna's set_trial_system_attr takes four round trips); UpdateFinishedTrialError when the
+    trial is no longer RUNNING."""
+    models = _tables()
+    attrs, trials = models.TrialSystemAttributeModel.__table__, models.TrialModel.__table__
+    running = sqlalchemy.select(trials.c.trial_id).where(
+        trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING
+    )
+    update = (
+        sqlalchemy.update(attrs)
+        .where(attrs.c.trial_id == trial_id, attrs.c.key == attr, running.exists())
+        .values(value_json=json.dumps(value))
+    )
+    with engine.begin() as conn:
+        if conn.execute(update).rowcount != 1:
+            raise UpdateFinishedTrialError(f"trial {trial_id} is no longer RUNNING (or has no {attr})")
 
 
 def count_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int]:

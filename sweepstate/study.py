@@ -51,6 +51,7 @@ from sweepstate.storage import (
     open_storage,
     rdb_engine,
     retrying,
+    set_running_attr_rdb,
 )
 
 LEASE_ATTR = "ablate:lease"  # trial system attr: {worker, claimed_at, slurm_job, beat} of a claimed trial
@@ -280,7 +281,11 @@ class SweepStudy:
         return self._retry(lambda: self._claim(worker, slurm_job), "claim a trial")
 
     def _claim(self, worker: str, slurm_job: str | None) -> Claim | None:
-        for trial_id in self._candidates():
+        now = time.time()
+        lease = {"worker": worker, "claimed_at": now, "beat": now}
+        if slurm_job is not None:
+            lease["slurm_job"] = slurm_job
+        for trial_id in self._candidates(lease):
             if self._engine is None:
                 try:
                     if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
@@ -288,7 +293,7 @@ class SweepStudy:
                 except UpdateFinishedTrialError:
                     continue
             try:
-                return self._start(trial_id, worker, slurm_job)
+                return self._start(trial_id, lease)
             except Exception as exc:
                 # the storage failed mid-claim: the trial goes back to the queue (the claim is
                 # retried); anything else is this trial's own failure
@@ -300,12 +305,12 @@ class SweepStudy:
                 raise
         return None
 
-    def _candidates(self) -> Iterator[int]:
+    def _candidates(self, lease: dict[str, Any]) -> Iterator[int]:
         """Trial ids to try to claim. RDB: the one trial a SKIP LOCKED claim already took. Journal:
         the oldest WAITING trial, then - once a race for it was lost - the next `workers` in this
         process's own random order, so that concurrent claims stop racing for the same trial."""
         if self._engine is not None:
-            trial_id = claim_next_rdb(self._engine, self.study_id)
+            trial_id = claim_next_rdb(self._engine, self.study_id, LEASE_ATTR, lease)
             if trial_id is not None:
                 yield trial_id
             return
@@ -319,14 +324,12 @@ class SweepStudy:
         yield from head
         yield from (t._trial_id for t in waiting[window + 1 :])
 
-    def _start(self, trial_id: int, worker: str, slurm_job: str | None) -> Claim:
+    def _start(self, trial_id: int, lease: dict[str, Any]) -> Claim:
         spec = self.spec
-        now = time.time()
-        lease = {"worker": worker, "claimed_at": now, "beat": now}
-        if slurm_job is not None:
-            lease["slurm_job"] = slurm_job
-        # the lease is the claim's one write (grid trials carry their params from the enqueue)
-        self.storage.set_trial_system_attr(trial_id, LEASE_ATTR, lease)
+        # the lease is the claim's one write (grid trials carry their params from the enqueue); on
+        # an RDB the claim's transaction wrote it already
+        if self._engine is None:
+            self.storage.set_trial_system_attr(trial_id, LEASE_ATTR, lease)
         if spec.mode == "search":
             # a fresh sampler per trial: concurrent claims draw differently, a trial's draw is reproducible
             number = self.storage.get_trial(trial_id).number
@@ -363,8 +366,12 @@ class SweepStudy:
     def heartbeat(self, claim: Claim) -> None:
         """Renew the lease (one write); raises UpdateFinishedTrialError once the trial was declared lost."""
         lease = {**claim.lease, "beat": time.time()}
-        beat = self.storage.set_trial_system_attr
-        self._retry(lambda: beat(claim.trial_id, LEASE_ATTR, lease), "heartbeat")
+        if self._engine is not None:
+            engine = self._engine
+            self._retry(lambda: set_running_attr_rdb(engine, claim.trial_id, LEASE_ATTR, lease), "heartbeat")
+        else:
+            beat = self.storage.set_trial_system_attr
+            self._retry(lambda: beat(claim.trial_id, LEASE_ATTR, lease), "heartbeat")
 
     def report(self, claim: Claim, value: float, step: int) -> bool:
         """Report an intermediate objective value; True when the pruner says to stop the trial.
@@ -459,6 +466,9 @@ class SweepStudy:
 
         def tell() -> bool:
             try:
+                if self.spec.mode == "grid" and state == TrialState.COMPLETE:
+                    # no sampler to tell: the one write Optuna's tell ends with (it reads first)
+                    return self.storage.set_trial_state_values(claim.trial_id, state, [value])
                 claim.trial.study.tell(
                     claim.trial, value if state == TrialState.COMPLETE else None, state=state
                 )
