@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,73 @@ def test_training_on_bridge_data_larger_than_the_memory_cap_stays_under_it_and_r
         == json.loads((full / "summary.json").read_text())["eval"]
     )
     assert_same_final_weights(full, cut)
+
+
+# ---------------------------------------------------------------- frame cache
+
+
+def test_frame_cache_equals_the_source_resumes_and_follows_source_and_size_changes(tmp_path: Path) -> None:
+    from core.data.cache import CachedFrames
+    from core.data.sources import prepare_cache
+
+    root = write_bridge(tmp_path / "bridge", 3, 6, height=48, width=64)
+    cfg = OmegaConf.merge(
+        _data_cfg("bridge", root, 24), {"cache": True, "cache_dir": str(tmp_path / "cache")}
+    )
+    source, cached = open_frames(_data_cfg("bridge", root, 24)), open_frames(cfg)
+    assert isinstance(cached, CachedFrames)
+    times = np.array([0, 2, 5])
+    for v in range(3):
+        assert np.array_equal(cached.read(v, times), source.read(v, times))
+    manifest = json.loads((cached.files[0].parents[1] / "manifest.json").read_text())
+    assert [v["name"] for v in manifest["videos"]] == [c.name for c in source.clips]
+
+    def writes() -> list[int]:
+        done: list[int] = []
+        prepare_cache(cfg, lambda i, n: done.append(n))
+        return done
+
+    assert writes() == []  # complete: nothing to do
+    # an interrupted build: one clip never written, a torn temporary left behind -> only that clip
+    cached.files[1].unlink()
+    (cached.files[1].parent / f".{cached.files[1].name}.x.tmp").write_bytes(b"torn")
+    assert writes() == [1]
+    assert not list(cached.files[1].parent.glob(".*.tmp"))
+    # a changed source frame: that clip gets a new entry with the new pixels
+    frame = root.glob("**/traj1/images0/im_2.jpg").__next__()
+    from PIL import Image
+
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(frame, quality=92)
+    assert writes() == [1]
+    refreshed = open_frames(cfg)
+    assert refreshed.files[1] != cached.files[1] and refreshed.files[0] == cached.files[0]
+    assert np.array_equal(refreshed.read(1, times), open_frames(_data_cfg("bridge", root, 24)).read(1, times))
+    # another resolution: another directory
+    other = open_frames(OmegaConf.merge(cfg, {"image_size": 16}))
+    assert other.files[0].parents[1] != cached.files[0].parents[1] and other.read(0, times).shape[1] == 16
+
+
+def test_two_prepare_data_commands_at_once_write_each_clip_once(tmp_path: Path) -> None:
+    """`ablate prepare-data` twice concurrently (two jobs, or the ranks of one): the directory lock lets
+    one write while the other waits, then finds every clip done."""
+    root = write_bridge(tmp_path / "bridge", 6, 8, height=120, width=160)
+    cmd = [sys.executable, "-m", "launchers.cli", "prepare-data", "video_two_stream", "data=bridge"]
+    cmd += [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=64"]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    dirs = {out.strip() for out, _ in outs}
+    assert len(dirs) == 1
+    written = [int(m) for _, err in outs for m in re.findall(r"(\d+)/\d+ clips written", err)[-1:]]
+    assert sorted(written) == [6], outs  # one builder wrote all 6, the other none
+    assert len(list(Path(dirs.pop(), "videos").glob("*.npy"))) == 6
+
+
+def test_prepare_data_rejects_a_generated_source(capsys: pytest.CaptureFixture[str]) -> None:
+    from launchers.cli import main
+
+    assert main(["prepare-data", "video_two_stream"]) == 2
+    assert "generated in memory" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,11 @@ class FrameStore(ABC):
     @abstractmethod
     def read(self, video: int, times: np.ndarray) -> np.ndarray:
         """(len(times), S, S, 3) uint8 frames `times` (sorted, distinct) of clip `video`, S = image_size."""
+
+    def source_files(self, video: int) -> list[Path]:
+        """The files clip `video` is read from: their sizes and times fingerprint it in a frame cache
+        (`core.data.cache`). Default: none (generated in memory, nothing to cache)."""
+        return []
 
     def clip(self, video: int) -> VideoClip:
         """The whole clip in memory (tests, small data)."""

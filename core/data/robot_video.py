@@ -98,6 +98,10 @@ class BridgeFrames(FrameStore):
                 )
             )
 
+    def source_files(self, video: int) -> list[Path]:
+        folder = self._folders[video]
+        return [*sorted(folder.glob("im_*.jpg")), folder.parent / "policy_out.pkl"]
+
     def read(self, video: int, times: np.ndarray) -> np.ndarray:
         """JPEG draft mode decodes a big frame at a reduced scale that keeps both sides >= image_size."""
         from PIL import Image
@@ -229,6 +233,9 @@ class EgoDexFrames(FrameStore):
                 )
             )
 
+    def source_files(self, video: int) -> list[Path]:
+        return [self._videos[video], self._videos[video].with_suffix(".hdf5")]
+
     def read(self, video: int, times: np.ndarray) -> np.ndarray:
         path = self._videos[video]
         frames = _decode_mp4(path, self.image_size, self.crop)  # (N, S, S, 3)
@@ -346,6 +353,9 @@ class LiberoFrames(FrameStore):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": None}  # workers open their own handles
+
+    def source_files(self, video: int) -> list[Path]:
+        return [self._demos[video][0]]
 
     def read(self, video: int, times: np.ndarray) -> np.ndarray:
         path, demo = self._demos[video]

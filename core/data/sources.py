@@ -7,6 +7,7 @@ that sources import clips and frames, and nothing imports back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from core.data.clips import CROP_MODES, VideoClip
 from core.data.frames import FrameStore, MemoryFrames
 
 CLIP_KINDS = ("moving_objects", "atari", "bridge", "egodex", "libero")
+DISK_KINDS = ("bridge", "egodex", "libero")
 
 
 def check_data_config(data_cfg: DictConfig) -> None:
@@ -31,7 +33,9 @@ def check_data_config(data_cfg: DictConfig) -> None:
     max_videos = data_cfg.get("max_videos")
     if max_videos is not None and not (isinstance(max_videos, int) and max_videos >= 1):
         raise ValueError(f"data.max_videos must be null or an integer >= 1, got {max_videos!r}")
-    if kind in ("bridge", "egodex", "libero"):
+    if not isinstance(data_cfg.get("cache", False), bool):
+        raise ValueError(f"data.cache must be true or false, got {data_cfg.get('cache')!r}")
+    if kind in DISK_KINDS:
         root = data_cfg.get("root")
         if root is None:
             raise ValueError(
@@ -59,7 +63,8 @@ def open_frames(data_cfg: DictConfig) -> FrameStore:
     """The clip index and frame reader named by a `data` config group (experiments/data/<kind>.yaml).
 
     Sources are imported on use, so the synthetic default never needs ale-py, h5py or av. The embedded
-    sources are generated whole (small); the on-disk ones read frames when a batch needs them."""
+    sources are generated whole (small); the on-disk ones read frames when a batch needs them, from the
+    source files or, with `data.cache=true`, from the frame cache (built here on first use)."""
     check_data_config(data_cfg)
     kind, size = data_cfg.kind, data_cfg.image_size
     crop = data_cfg.get("crop", "center")
@@ -73,8 +78,36 @@ def open_frames(data_cfg: DictConfig) -> FrameStore:
         gen = _kwargs(data_cfg.get("generator"))
         return MemoryFrames(make_atari_clips(image_size=size, crop=crop, **gen))
 
+    store = _disk_source(data_cfg)
+    if data_cfg.get("cache", False):
+        from core.data.cache import cache_directory, open_cache
+
+        return open_cache(store, cache_directory(data_cfg), _options(data_cfg))
+    return store
+
+
+def prepare_cache(data_cfg: DictConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Build (or complete) the frame cache of an on-disk source; returns its directory."""
+    check_data_config(data_cfg)
+    if data_cfg.kind not in DISK_KINDS:
+        raise ValueError(f"data.kind={data_cfg.kind!r} is generated in memory: it has no frame cache")
+    from core.data.cache import cache_directory, open_cache
+
+    directory = cache_directory(data_cfg)
+    open_cache(_disk_source(data_cfg), directory, _options(data_cfg), progress)
+    return directory
+
+
+def _options(data_cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in _kwargs(data_cfg).items() if not isinstance(v, dict | list)}
+
+
+def _disk_source(data_cfg: DictConfig) -> FrameStore:
+    """The source that reads the files of a Bridge / EgoDex / LIBERO layout."""
     from core.data import robot_video
 
+    kind, size = data_cfg.kind, data_cfg.image_size
+    crop = data_cfg.get("crop", "center")
     common: dict[str, Any] = {"image_size": size, "crop": crop, "max_videos": data_cfg.get("max_videos")}
     common["still_threshold"] = data_cfg.still_threshold
     if kind == "bridge":

@@ -1,0 +1,112 @@
+"""Input-pipeline throughput of the video family at 224 px, per source layout, against the GPU's demand.
+
+Run with `python -m benchmarks.bench_video_data`. For each on-disk layout the benchmark first writes a
+dataset with realistic frames (`core.data.layouts`: Bridge V2 480x640 JPEG at quality 92, LIBERO 128x128
+HDF5 demos, EgoDex 1920x1080 H.264 mp4 + HDF5 poses), then times what training does: pairs drawn by
+`sample_pairs` (k_max 10), read and resized to 224 px in batches of 64 by `loader.num_workers` DataLoader
+worker processes, with 1, 2 and all of this machine's CPUs as workers. Files are read warm from the page
+cache (a cluster's network file system adds its own latency, which more workers hide).
+
+The GPU demand: training FLOPs per pair of the 224 px model (forward + backward, counted by torch's
+FlopCounterMode on the meta device) at an assumed model FLOPs utilisation of an H100 (bf16 dense peak
+989 TFLOP/s) - the rate `bench_video` measures when a GPU is lent. Cores per GPU = demand / pairs/s per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from core.data.clips import sample_pairs
+from core.data.layouts import write_bridge, write_egodex, write_libero
+from core.data.loader import PairBatches, pair_loader
+from core.data.sources import open_frames
+from core.metrics.representation import per_pair_mse
+from core.models.two_stream import build_two_stream
+from launchers.config import compose_experiment
+
+H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16 tensor cores (SXM)
+DATA_CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "data"
+
+
+def training_flops_per_pair() -> float:
+    """FLOPs of one pair's forward + backward through the shipped 224 px model (decoder D)."""
+    model_cfg = OmegaConf.to_container(compose_experiment("video_two_stream_224").model, resolve=True)
+    with torch.device("meta"):
+        model = build_two_stream(**model_cfg)
+        img_t, img_tk = torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        per_pair_mse(model(img_t, img_tk)["pred"], img_tk).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def write_layouts(root: Path, scale: int) -> dict[str, Path]:
+    """One dataset per layout under `root`; `scale` multiplies the number of videos."""
+    return {
+        "bridge": write_bridge(root / "bridge", 4 * scale, 38),  # Bridge V2: ~38 frames per trajectory
+        "libero": write_libero(root / "libero" / "task.hdf5", 4 * scale, 120).parent,
+        "egodex": write_egodex(root / "egodex", scale, 90),  # 3 s episodes (real ones: minutes)
+    }
+
+
+def pairs_per_second(kind: str, root: Path, workers: int, pairs: int, batch: int) -> float:
+    cfg = OmegaConf.merge(
+        OmegaConf.load(DATA_CONFIGS / f"{kind}.yaml"), {"root": str(root), "image_size": 224}
+    )
+    store = open_frames(cfg)
+    lengths = [c.num_frames for c in store.clips]
+    sample = sample_pairs(lengths, pairs + batch, k_max=10, generator=torch.Generator().manual_seed(0))
+    batches = PairBatches(store, range(len(lengths)), sample, batch)
+    loader = pair_loader(batches, num_workers=workers, prefetch_factor=2)
+    next(loader)  # workers started, first batch read: not timed
+    start = time.perf_counter()
+    n = sum(len(item.k) for item in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=int, default=512, help="timed pairs per setting")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--scale", type=int, default=2, help="videos written per layout (x4 Bridge/LIBERO)")
+    parser.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation of the GPU")
+    parser.add_argument("--gpu-pairs-per-s", type=float, default=None, help="measured GPU rate, if known")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cpus = len(os.sched_getaffinity(0))
+    flops = training_flops_per_pair()
+    demand = args.gpu_pairs_per_s or args.mfu * H100_BF16_PEAK / flops
+    source = (
+        "given"
+        if args.gpu_pairs_per_s
+        else f"H100 bf16 {H100_BF16_PEAK / 1e12:.0f} TFLOP/s x MFU {args.mfu:.0%}"
+    )
+    print(
+        f"224 px model: {flops / 1e9:.0f} GFLOP per training pair (fwd + bwd); GPU demand {demand:.0f} pairs/s "
+        f"({source}); this machine: {cpus} CPUs, torch {torch.__version__}"
+    )
+    print(f"| {'source':7} | workers | {'pairs/s':>8} | {'pairs/s/core':>12} | {'cores per GPU':>13} |")
+    print("|---------|---------|----------|--------------|---------------|")
+    with tempfile.TemporaryDirectory(prefix="bench_video_data_") as tmp:
+        roots = write_layouts(Path(tmp), args.scale)
+        for kind, root in roots.items():
+            for workers in sorted({1, 2, cpus}):
+                rate = pairs_per_second(kind, root, workers, args.pairs, args.batch)
+                per_core = rate / workers
+                cores = math.ceil(demand / per_core)
+                print(
+                    f"| {kind:7} | {workers:7} | {rate:8.1f} | {per_core:12.1f} | {cores:13d} |", flush=True
+                )
+
+
+if __name__ == "__main__":
+    main()
