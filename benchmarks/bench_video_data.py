@@ -25,39 +25,27 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.bench_video import H100_BF16_PEAK, training_flops_per_pair
 from core.data.clips import sample_pairs
 from core.data.layouts import write_bridge, write_egodex, write_libero
 from core.data.loader import PairBatches, pair_loader
 from core.data.sources import open_frames, prepare_cache
-from core.metrics.representation import per_pair_mse
-from core.models.two_stream import build_two_stream
-from launchers.config import compose_experiment
 
-H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16 tensor cores (SXM)
 DATA_CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "data"
 
 
-def training_flops_per_pair() -> float:
-    """FLOPs of one pair's forward + backward through the shipped 224 px model (decoder D)."""
-    model_cfg = OmegaConf.to_container(compose_experiment("video_two_stream_224").model, resolve=True)
-    with torch.device("meta"):
-        model = build_two_stream(**model_cfg)
-        img_t, img_tk = torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        per_pair_mse(model(img_t, img_tk)["pred"], img_tk).mean().backward()
-    return float(counter.get_total_flops())
+LAYOUTS = ("bridge", "libero", "egodex")
 
 
-def write_layouts(root: Path, scale: int) -> dict[str, Path]:
+def write_layouts(root: Path, scale: int, kinds: tuple[str, ...] = LAYOUTS) -> dict[str, Path]:
     """One dataset per layout under `root`; `scale` multiplies the number of videos."""
-    return {
-        "bridge": write_bridge(root / "bridge", 4 * scale, 38),  # Bridge V2: ~38 frames per trajectory
-        "libero": write_libero(root / "libero" / "task.hdf5", 4 * scale, 120).parent,
-        "egodex": write_egodex(root / "egodex", scale, 90),  # 3 s episodes (real ones: minutes)
+    writers = {
+        "bridge": lambda: write_bridge(root / "bridge", 4 * scale, 38),  # Bridge V2: ~38 frames a trajectory
+        "libero": lambda: write_libero(root / "libero" / "task.hdf5", 4 * scale, 120).parent,
+        "egodex": lambda: write_egodex(root / "egodex", scale, 90),  # 3 s episodes (real ones: minutes)
     }
+    return {kind: writers[kind]() for kind in kinds}
 
 
 def data_config(kind: str, root: Path, cache_dir: Path | None) -> DictConfig:
