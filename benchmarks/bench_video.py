@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from core.metrics.representation import per_pair_mse
 from core.models.two_stream import build_two_stream
@@ -27,6 +30,20 @@ MODELS = {
     name: OmegaConf.to_container(compose_experiment(experiment).model, resolve=True)
     for name, experiment in EXPERIMENTS.items()
 }
+
+
+H100_BF16_PEAK = 989e12  # FLOP/s, dense bf16 tensor cores (SXM)
+
+
+def training_flops_per_pair() -> float:
+    """FLOPs of one pair's forward + backward through the shipped 224 px model (decoder D)."""
+    with torch.device("meta"):
+        model = build_two_stream(**MODELS["224px"])
+        img_t, img_tk = torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        per_pair_mse(model(img_t, img_tk)["pred"], img_tk).mean().backward()
+    return float(counter.get_total_flops())
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,59 @@ def measure(s: Setting, steps: int, warmup: int) -> tuple[float, float]:
     return statistics.median(times), float(loss.detach())
 
 
+def measure_fed(kind: str, batch: int, steps: int, warmup: int, workers: int | None) -> tuple[float, float]:
+    """(pairs/s, fraction of the time spent waiting for data) of the 224 px model (bf16 and channels-last
+    on CUDA) trained on pairs that the streaming pipeline reads from the frame cache of a `kind` dataset
+    written here: what a real run gets, input pipeline included."""
+    from benchmarks.bench_video_data import data_config, write_layouts
+    from core.data.clips import sample_pairs
+    from core.data.loader import PairBatches, default_num_workers, pair_loader
+    from core.data.sources import open_frames
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="bench_video_") as tmp:
+        root = write_layouts(Path(tmp), 4, (kind,))[kind]
+        store = open_frames(data_config(kind, root, Path(tmp) / "cache"))
+        lengths = [c.num_frames for c in store.clips]
+        sample = sample_pairs(
+            lengths, batch * (warmup + steps), 10, generator=torch.Generator().manual_seed(0)
+        )
+        loader = pair_loader(
+            PairBatches(store, range(len(lengths)), sample, batch),
+            num_workers=default_num_workers() if workers is None else workers,
+            pin_memory=cuda,
+        )
+        torch.manual_seed(0)
+        channels_last = torch.channels_last
+        model = build_two_stream(**MODELS["224px"]).to(device, memory_format=channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        warmup = max(warmup, 1)  # the first batch waits for the workers to start
+        waited, start, done = 0.0, 0.0, time.perf_counter()  # done: when the previous step finished
+        for i, item in enumerate(loader):
+            arrived = time.perf_counter()  # from `done` to here the GPU had nothing to do
+            if i == warmup:
+                start = done
+            if i >= warmup:
+                waited += arrived - done
+            img_t, img_tk = (
+                x.to(device, non_blocking=cuda).float().div_(255).contiguous(memory_format=channels_last)
+                for x in (item.img_t, item.img_tk)
+            )
+            weight = item.weight.to(device)
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                pred = model(img_t, img_tk)["pred"]
+            (weight * per_pair_mse(pred.float(), img_tk)).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            _sync(device)
+            done = time.perf_counter()
+        total = done - start
+    return steps * batch / total, waited / total
+
+
 def settings(args: argparse.Namespace) -> list[Setting]:
     batch = {"tiny": args.batch_tiny, "224px": args.batch_224}
     out = [Setting(m, "cpu", batch[m] if m == "tiny" else args.batch_224_cpu) for m in MODELS]
@@ -100,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-224", type=int, default=32, help="224 px batch on the GPU")
     parser.add_argument("--batch-224-cpu", type=int, default=2)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument(
+        "--data",
+        choices=["bridge", "libero", "egodex"],
+        help="instead: train the 224 px model fed by the streaming pipeline from this layout's frame cache; "
+        "prints pairs/s, MFU and the share of time the GPU waited for data",
+    )
+    parser.add_argument("--workers", type=int, help="loader workers with --data (default: CPUs - 1)")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12, help="for the MFU")
     # one thread by default: on a shared CPU box more threads make small ops slower, not faster
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -108,6 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if args.data:
+        rate, waiting = measure_fed(args.data, args.batch_224, args.steps, args.warmup, args.workers)
+        mfu = rate * training_flops_per_pair() / (args.peak_tflops * 1e12)
+        print(
+            f"224 px model fed from the {args.data} frame cache, batch {args.batch_224}: {rate:.1f} pairs/s, "
+            f"MFU {mfu:.1%} (of {args.peak_tflops:.0f} TFLOP/s), waiting for data {waiting:.1%} of the time"
+        )
+        return
     print(
         f"two-stream predictor (decoder D), training step = forward, weighted MSE, backward, clip, AdamW; "
         f"median of {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}, "

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launchers.config import ConfigError, compose_experiment
+from launchers.prepare_data import add_parser as add_prepare_data
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 75
 
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", help="best_model_<NAME>.pt or 'last' (default: the family's main one, e.g. combined)"
     )
     e.set_defaults(func=cmd_eval)
+    add_prepare_data(sub)
     return p
 
 

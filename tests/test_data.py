@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.data.features import DataError, load_feature_dataset
+from core.data.errors import DataError
+from core.data.features import load_feature_dataset
 from core.data.splits import SPLIT_NAMES, load_splits, make_splits, save_splits, select
 from core.data.synthetic import make_procedure_dataset, write_feature_dataset
 from core.data.video import Video, is_background

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from core.data.features import DataError
+from core.data.errors import DataError
 from core.data.multi_object import (
     ObjectVideo,
     batch_videos,

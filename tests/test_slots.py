@@ -354,7 +354,11 @@ def test_run_resumes_exactly_and_writes_metrics_plots_and_splits(tmp_path):
         assert (run / "plots" / name).stat().st_size > 5_000, name
     assert not (run / "plots" / "slots_epoch000.png").exists()
     splits = json.loads((run / "splits.json").read_text())
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [8, 4, 4]
+    assert [len(splits["objects"][s]) for s in ("train", "val", "test")] == [
+        8,
+        4,
+        4,
+    ]  # one splits.json format
     assert full["splits"] == {"train": 8, "val": 4, "test": 4}
 
 

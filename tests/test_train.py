@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from core.train.loop import Interrupted, Trainer, TrainerConfig, TrainingFailed
+from core.train.loop import Interrupted, Task, Trainer, TrainerConfig, TrainingFailed
 from core.train.run import build_task, run_experiment
 from core.train.signals import request_stop, stop_on_signals
 from launchers.config import compose_experiment
@@ -39,7 +39,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_run_exactly(experiment, t
     assert_same_final_weights(tmp_path / "full", tmp_path / "cut")
 
 
-class TinyTask:
+class TinyTask(Task):
     """A real (small) task: linear regression whose loss is NaN on the batches listed in `bad`."""
 
     def __init__(self, bad: set[int], n_batches: int = 4) -> None:
@@ -60,6 +60,9 @@ class TinyTask:
         return {"total_loss": loss * float("nan") if i in self.bad else loss}
 
     def evaluate(self, split, epoch):
+        return {}
+
+    def evaluate_checkpoint(self, run_dir, checkpoint):
         return {}
 
 

@@ -16,19 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import chisquare
 
-from core.data.clips import (
-    FrameBank,
-    VideoClip,
-    gather_pairs,
-    load_clips,
-    num_action_classes,
-    pair_labels,
-    resize_frames,
-    sample_pairs,
-    split_clips,
-)
-from core.data.features import DataError
+from core.data.clips import VideoClip, resize_frames, sample_pairs, split_clips
+from core.data.errors import DataError
+from core.data.frames import MemoryFrames, pair_labels, read_pairs
 from core.data.moving_objects import AGENT_COLOUR, _push, direction_vectors, make_moving_objects
+from core.data.sources import load_clips, num_action_classes
 from tests.reference.video_pairs import gather_pairs_loop, pair_labels_loop, pair_pmf
 
 DATA_CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "data"
@@ -106,25 +98,33 @@ def test_pair_sampling_rejects_bad_arguments() -> None:
 # ---------------------------------------------------------------- gathering and labels
 
 
+def _floats(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+
+
 @pytest.mark.parametrize("lengths", [(8, 8, 8), (3, 11, 6, 2)])
-def test_gather_and_labels_match_the_loop_for_lists_and_banks(lengths: tuple[int, ...]) -> None:
+def test_read_pairs_and_labels_match_the_loop(lengths: tuple[int, ...]) -> None:
     clips = [_clip(f"c{i}", n, seed=i) for i, n in enumerate(lengths)]
     s = sample_pairs(lengths, 300, k_max=5, generator=torch.Generator().manual_seed(0))
     want_t, want_tk = gather_pairs_loop(clips, s.video, s.t, s.k)
-    want_labels = pair_labels_loop(clips, s.video, s.t)
-    for source in (clips, FrameBank.from_clips(clips)):
-        img_t, img_tk = gather_pairs(source, s)
-        assert img_t.shape == (300, 3, 6, 6) and img_t.dtype == torch.float32
-        torch.testing.assert_close(img_t, want_t, rtol=0, atol=0)
-        torch.testing.assert_close(img_tk, want_tk, rtol=0, atol=0)
-        assert torch.equal(pair_labels(source, s), want_labels)
-    assert float(img_t.min()) >= 0.0 and float(img_t.max()) <= 1.0
+    store = MemoryFrames(clips)
+    img_t, img_tk = read_pairs(store, range(len(clips)), s)
+    assert img_t.shape == (300, 6, 6, 3) and img_t.dtype == np.uint8
+    torch.testing.assert_close(_floats(img_t), want_t, rtol=0, atol=0)
+    torch.testing.assert_close(_floats(img_tk), want_tk, rtol=0, atol=0)
+    assert torch.equal(pair_labels(store.clips, s), pair_labels_loop(clips, s.video, s.t))
+    # a split's clips are a subset of the store: sample.video indexes the split's list
+    subset = [len(clips) - 1, 0]
+    s2 = sample_pairs([lengths[i] for i in subset], 50, k_max=1, generator=torch.Generator().manual_seed(1))
+    sub_t, _ = read_pairs(store, subset, s2)
+    want_sub, _ = gather_pairs_loop([clips[i] for i in subset], s2.video, s2.t, s2.k)
+    torch.testing.assert_close(_floats(sub_t), want_sub, rtol=0, atol=0)
 
 
-def test_gather_rejects_clips_of_different_sizes() -> None:
+def test_memory_frames_rejects_clips_of_different_sizes() -> None:
     clips = [_clip("a", 4, 0, size=6), _clip("b", 4, 1, size=8)]
-    with pytest.raises(ValueError, match="different frame sizes"):
-        gather_pairs(clips, sample_pairs([4, 4], 4, 2))
+    with pytest.raises(ValueError, match="one square frame size"):
+        MemoryFrames(clips)
 
 
 def test_video_clip_checks_its_arrays() -> None:
@@ -574,13 +574,13 @@ def test_moving_objects_config_loads_and_feeds_the_sampler() -> None:
     clips = load_clips(cfg)
     assert len(clips) == 8 and clips[0].frames.shape == (12, 32, 32, 3)
     train = split_clips(clips, cfg.split_fractions, cfg.split_seed)["train"]
-    bank = FrameBank.from_clips(train)
+    store = MemoryFrames(train)
     s = sample_pairs(
-        bank.lengths.tolist(), cfg.batch_size, **cfg.pairs, generator=torch.Generator().manual_seed(0)
+        [c.num_frames for c in train], cfg.batch_size, **cfg.pairs, generator=torch.Generator().manual_seed(0)
     )
-    img_t, img_tk = gather_pairs(bank, s)
-    assert img_t.shape == img_tk.shape == (cfg.batch_size, 3, 32, 32)
-    assert pair_labels(bank, s).max() < num_action_classes(cfg)
+    img_t, img_tk = read_pairs(store, range(len(train)), s)
+    assert img_t.shape == img_tk.shape == (cfg.batch_size, 32, 32, 3)
+    assert pair_labels(store.clips, s).max() < num_action_classes(cfg)
 
 
 def test_bad_data_config_keys_are_named() -> None:

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-from core.data.clips import gather_pairs, pair_labels, sample_pairs
+from core.data.clips import sample_pairs
+from core.data.frames import pair_labels, read_pairs
 from core.metrics.representation import linear_probe_accuracy, majority_accuracy
 from core.train.families import logged_metrics
 from core.train.loop import Interrupted
@@ -65,6 +66,14 @@ def test_run_writes_checkpoints_plots_and_final_metrics(finished_run):
     assert sum(len(s) for s in splits["moving_objects"].values()) == 24
 
 
+def _float_pairs(task, split, sample):
+    """(img_t, img_tk) float (N, 3, S, S) in [0, 1], read straight from the task's frame store."""
+    return (
+        torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+        for x in read_pairs(task.store, task.videos[split], sample)
+    )
+
+
 def test_logged_metrics_names_exactly_what_the_run_logged(finished_run):
     cfg, run_dir, summary = finished_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,7 +85,7 @@ def test_logged_metrics_names_exactly_what_the_run_logged(finished_run):
 def test_copy_baseline_is_the_mse_of_predicting_img_t(finished_run):
     cfg, run_dir, summary = finished_run
     task = build_task(cfg, run_dir)  # same splits (read back from the run dir) and fixed pairs
-    img_t, img_tk = gather_pairs(task.banks["test"], task.samples["test"])
+    img_t, img_tk = _float_pairs(task, "test", task.samples["test"])
     expected = (img_t - img_tk).square().flatten(1).mean(1).mean()
     assert summary["eval"]["test/copy_mse"] == pytest.approx(float(expected), rel=1e-5)
 
@@ -216,9 +225,9 @@ def test_probe_is_high_for_an_encoder_trained_on_the_actions_and_near_chance_wit
     task.model.train()
     for _ in range(150):
         pairs = sample_pairs(task.lengths["train"], 32, 1, generator=g)
-        img_t, img_tk = gather_pairs(task.banks["train"], pairs)
+        img_t, img_tk = _float_pairs(task, "train", pairs)
         logits = head(task.model.encoder(img_t, img_tk)["cls"])
-        loss = torch.nn.functional.cross_entropy(logits, pair_labels(task.banks["train"], pairs))
+        loss = torch.nn.functional.cross_entropy(logits, pair_labels(task.clips["train"], pairs))
         opt.zero_grad()
         loss.backward()
         opt.step()

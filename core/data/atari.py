@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.data.clips import VideoClip, resize_frames
-from core.data.features import DataError
+from core.data.errors import DataError
 
 ALE_PIN = "ale-py==0.12.1"
 _MAX_RESTARTS = 10  # a clip that keeps hitting game over within its few hundred frames means bad settings

@@ -10,25 +10,22 @@ see ../reference/two-stream.md):
 - a gap k in 1..min(k_max, T - 1) with p(k) ~ exp(-gap_decay (k - 1)), truncated per video;
 - a start t uniform over the valid starts 0..T-1-k;
 - a loss weight exp(-weight_decay (k - 1)).
-The probe label of a pair is the action of its first step, `action_labels[t]`.
+The probe label of a pair is the action of its first step, `action_labels[t]`. Frames are read per
+batch through `core.data.frames`; `core.data.sources` maps a data config to its source.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from core.data.splits import SPLIT_NAMES, make_splits, select
 
-CLIP_KINDS = ("moving_objects", "atari", "bridge", "egodex", "libero")
 CROP_MODES = ("center", "squash")
 _RESIZE_CHUNK = 16  # frames resized at once: bounds the float copy of large (e.g. 480x640) frames
 
@@ -79,35 +76,6 @@ class PairSample(NamedTuple):
     weight: torch.Tensor  # (N,) float32 exp(-weight_decay (k - 1))
 
 
-@dataclass(frozen=True)
-class FrameBank:
-    """All clips' frames and labels concatenated once, so a batch is gathered by one fancy index.
-
-    Build it once per split (`FrameBank.from_clips(train_clips)`) and pass it to `gather_pairs` and
-    `pair_labels` in place of the clip list; the list form groups by video instead of copying.
-    """
-
-    frames: np.ndarray  # (sum T, H, W, 3) uint8
-    labels: np.ndarray  # (sum (T - 1),) int64
-    frame_offsets: np.ndarray  # (V,) int64 index of each clip's first frame
-    label_offsets: np.ndarray  # (V,) int64 index of each clip's first step
-    lengths: np.ndarray  # (V,) int64 frames per clip
-
-    @classmethod
-    def from_clips(cls, clips: Sequence[VideoClip]) -> FrameBank:
-        _check_same_size(clips)
-        lengths = np.array([c.num_frames for c in clips], dtype=np.int64)
-        frame_offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        label_offsets = np.concatenate([[0], np.cumsum(lengths - 1)[:-1]]).astype(np.int64)
-        return cls(
-            frames=np.concatenate([c.frames for c in clips]),
-            labels=np.concatenate([c.action_labels for c in clips]),
-            frame_offsets=frame_offsets,
-            label_offsets=label_offsets,
-            lengths=lengths,
-        )
-
-
 # ---------------------------------------------------------------- pairs
 
 
@@ -152,57 +120,6 @@ def sample_pairs(
     t = torch.minimum(t, starts - 1)
     weight = torch.exp(-weight_decay * (k - 1).double()).float()
     return PairSample(video=video, t=t, k=k, weight=weight)
-
-
-def pair_labels(clips: Sequence[VideoClip] | FrameBank, sample: PairSample) -> torch.Tensor:
-    """(N,) int64 probe labels: the action of each pair's first step, `action_labels[video][t]`."""
-    video, t = sample.video.numpy(), sample.t.numpy()
-    if isinstance(clips, FrameBank):
-        return torch.from_numpy(clips.labels[clips.label_offsets[video] + t])
-    out = np.empty(len(video), dtype=np.int64)
-    for v, idx in _group_by_video(video):
-        out[idx] = clips[v].action_labels[t[idx]]
-    return torch.from_numpy(out)
-
-
-def gather_pairs(
-    clips: Sequence[VideoClip] | FrameBank, sample: PairSample
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(img_t, img_tk), each (N, 3, H, W) float32 in [0, 1], for the pairs of `sample`.
-
-    A `FrameBank` is one fancy index over the concatenated frames; a clip list is gathered per
-    distinct video in the sample (a loop over at most N videos, each a vectorised index).
-    """
-    video, t = sample.video.numpy(), sample.t.numpy()
-    times = np.concatenate([t, t + sample.k.numpy()])  # (2N,) first frames, then second frames
-    videos = np.concatenate([video, video])
-    if isinstance(clips, FrameBank):
-        frames = clips.frames[clips.frame_offsets[videos] + times]  # (2N, H, W, 3) uint8
-    else:
-        h, w = _check_same_size(clips)
-        frames = np.empty((len(times), h, w, 3), dtype=np.uint8)
-        for v, idx in _group_by_video(videos):
-            frames[idx] = clips[v].frames[times[idx]]
-    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (2N, 3, H, W)
-    n = len(t)
-    return images[:n].contiguous(), images[n:].contiguous()
-
-
-def _group_by_video(video: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(video, positions in `video` holding it) for each distinct video."""
-    order = np.argsort(video, kind="stable")
-    distinct, first = np.unique(video[order], return_index=True)
-    yield from zip(distinct.tolist(), np.split(order, first[1:]), strict=True)
-
-
-def _check_same_size(clips: Sequence[VideoClip]) -> tuple[int, int]:
-    if not clips:
-        raise ValueError("no clips")
-    sizes = {c.frames.shape[1:3] for c in clips}
-    if len(sizes) != 1:
-        raise ValueError(f"clips have different frame sizes {sorted(sizes)}; load them with one image_size")
-    (h, w), *_ = sizes
-    return int(h), int(w)
 
 
 # ---------------------------------------------------------------- splits
@@ -250,105 +167,3 @@ def resize_frames(frames: np.ndarray, size: int, crop: str = "center") -> np.nda
             y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         )
     return out
-
-
-# ---------------------------------------------------------------- config
-
-
-def check_data_config(data_cfg: DictConfig) -> None:
-    """Reject a clip data config before anything loads; ValueError names the key."""
-    kind = data_cfg.get("kind")
-    if kind not in CLIP_KINDS:
-        raise ValueError(f"data.kind must be one of {list(CLIP_KINDS)}, got {kind!r}")
-    size = data_cfg.get("image_size")
-    if not (isinstance(size, int) and size >= 8):
-        raise ValueError(f"data.image_size must be an integer >= 8, got {size!r}")
-    if data_cfg.get("crop", "center") not in CROP_MODES:
-        raise ValueError(f"data.crop must be one of {list(CROP_MODES)}, got {data_cfg.get('crop')!r}")
-    max_videos = data_cfg.get("max_videos")
-    if max_videos is not None and not (isinstance(max_videos, int) and max_videos >= 1):
-        raise ValueError(f"data.max_videos must be null or an integer >= 1, got {max_videos!r}")
-    if kind in ("bridge", "egodex", "libero"):
-        root = data_cfg.get("root")
-        if root is None:
-            raise ValueError(
-                f"data.root is null: set data.root=/path/to/{kind} (see experiments/data/{kind}.yaml)"
-            )
-        if not Path(str(root)).exists():
-            raise ValueError(f"data.root={root!r} does not exist")
-    pairs = data_cfg.get("pairs")
-    if pairs is not None:
-        unknown = set(pairs) - {"k_max", "gap_decay", "weight_decay"}
-        if unknown:
-            raise ValueError(
-                f"data.pairs: unknown keys {sorted(unknown)}; have k_max, gap_decay, weight_decay"
-            )
-        k_max = pairs.get("k_max")
-        if not (isinstance(k_max, int) and k_max >= 1):
-            raise ValueError(f"data.pairs.k_max must be an integer >= 1, got {k_max!r}")
-        for key in ("gap_decay", "weight_decay"):
-            value = pairs.get(key, 0.0)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"data.pairs.{key} must be a number >= 0, got {value!r}")
-
-
-def load_clips(data_cfg: DictConfig) -> list[VideoClip]:
-    """The clips named by a `data` config group (experiments/data/<kind>.yaml), resized to image_size.
-
-    Sources are imported on use, so the synthetic default never needs ale-py, h5py or av.
-    """
-    check_data_config(data_cfg)
-    kind, size = data_cfg.kind, data_cfg.image_size
-    crop = data_cfg.get("crop", "center")
-    max_videos = data_cfg.get("max_videos")
-    if kind == "moving_objects":
-        from core.data.moving_objects import make_moving_objects
-
-        return make_moving_objects(image_size=size, **_kwargs(data_cfg.get("generator")))
-    if kind == "atari":
-        from core.data.atari import make_atari_clips
-
-        return make_atari_clips(image_size=size, crop=crop, **_kwargs(data_cfg.get("generator")))
-
-    from core.data import robot_video
-
-    common: dict[str, Any] = {"image_size": size, "crop": crop, "max_videos": max_videos}
-    common["still_threshold"] = data_cfg.still_threshold
-    if kind == "bridge":
-        return robot_video.load_bridge(data_cfg.root, camera=data_cfg.get("camera", "images0"), **common)
-    if kind == "egodex":
-        parts = data_cfg.get("parts")
-        return robot_video.load_egodex(
-            data_cfg.root,
-            parts=None if parts is None else list(parts),
-            joint=data_cfg.joint,
-            reference=data_cfg.reference,
-            frame_stride=data_cfg.get("frame_stride", 1),
-            **common,
-        )
-    return robot_video.load_libero(
-        data_cfg.root, image_key=data_cfg.image_key, flip=data_cfg.get("flip", "vertical"), **common
-    )
-
-
-def num_action_classes(data_cfg: DictConfig) -> int:
-    """How many probe labels the source defines (some may be absent from a given split)."""
-    check_data_config(data_cfg)
-    if data_cfg.kind == "moving_objects":
-        from core.data.moving_objects import num_classes
-
-        gen = _kwargs(data_cfg.get("generator"))
-        return num_classes(**{k: gen[k] for k in ("directions", "speeds") if k in gen})
-    if data_cfg.kind == "atari":
-        from core.data.atari import action_names
-
-        return len(action_names(_kwargs(data_cfg.get("generator")).get("game", "breakout")))
-    from core.data.robot_video import DIRECTION_NAMES
-
-    return len(DIRECTION_NAMES)
-
-
-def _kwargs(node: Any) -> dict[str, Any]:
-    if node is None:
-        return {}
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)

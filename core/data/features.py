@@ -29,16 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from core.data.errors import DataError
 from core.data.video import Video
 
 SCHEMA_KEYS = ("handles", "hdl_actions", "hdl_start_times", "hdl_end_times")
 # Rounding after an fps rescale and off-by-one feature extractors disagree by 1 frame; 2 leaves margin
 # while any real misalignment (wrong fps, wrong file) is far larger and must fail loudly.
 DEFAULT_MAX_OVERSHOOT_FRAMES = 2
-
-
-class DataError(ValueError):
-    """Malformed dataset input; the message names the file and the entry so it can be fixed at the source."""
 
 
 def load_feature_dataset(

@@ -16,14 +16,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.data.features import DataError
-from core.data.splits import SPLIT_NAMES, make_splits
+from core.data.errors import DataError
+from core.data.splits import SPLIT_NAMES, Handle, make_splits
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 DATA_KINDS = ("synthetic", "frame_folder")
@@ -312,13 +312,6 @@ def load_object_videos(data_cfg: Mapping[str, Any]) -> list[ObjectVideo]:
     raise ValueError(f"data.kind must be one of {list(DATA_KINDS)}, got {kind!r}")
 
 
-class _Source(NamedTuple):
-    """What `make_splits` reads from a video: one entry per recording, all in one task."""
-
-    name: str
-    task: str
-
-
 def split_videos(
     videos: Sequence[ObjectVideo], fractions: tuple[float, float, float] = (0.75, 0.10, 0.15), seed: int = 42
 ) -> dict[str, list[ObjectVideo]]:
@@ -330,7 +323,7 @@ def split_videos(
     names = [v.name for v in videos]
     if len(set(names)) != len(names):
         raise ValueError("split_videos: duplicate video names")
-    sources = [_Source(name=s, task="objects") for s in dict.fromkeys(v.source for v in videos)]
+    sources = [Handle(name=s, task="objects") for s in dict.fromkeys(v.source for v in videos)]
     splits = make_splits(sources, fractions=tuple(fractions), seed=seed)
     where = {source: split for split in SPLIT_NAMES for source in splits[split].get("objects", [])}
     return {split: [v for v in videos if where[v.source] == split] for split in SPLIT_NAMES}

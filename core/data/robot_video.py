@@ -26,6 +26,7 @@ Every malformed input raises `DataError` naming the file and the problem.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections.abc import Sequence
@@ -34,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from core.data.clips import VideoClip, resize_frames
-from core.data.features import DataError
+from core.data.clips import resize_frames
+from core.data.errors import DataError
+from core.data.frames import ClipInfo, FrameStore
 
 DIRECTION_NAMES = ("+x", "-x", "+y", "-y", "+z", "-z", "still")
 STILL = DIRECTION_NAMES.index("still")
@@ -57,67 +59,81 @@ def direction_labels(translation: np.ndarray, still_threshold: float) -> np.ndar
 # ---------------------------------------------------------------- Bridge V2 raw
 
 
-def load_bridge(
-    root: str | Path,
-    *,
-    image_size: int,
-    crop: str = "center",
-    camera: str = "images0",
-    still_threshold: float = 0.005,
-    max_videos: int | None = None,
-) -> list[VideoClip]:
-    """Every trajectory under `root` (sorted by path; the first `max_videos` when given)."""
-    root = _existing(root)
-    trajectories = sorted(p for p in root.glob("**/raw/traj_group*/traj*") if p.is_dir())
-    if not trajectories:
-        raise DataError(f"{root}: no Bridge trajectories (expected <root>/.../raw/traj_group*/traj*/)")
-    clips = []
-    for traj in trajectories[:max_videos]:
-        frames = _read_jpg_folder(traj / camera, image_size, crop)  # (T, S, S, 3)
-        actions = _read_policy_out(traj / "policy_out.pkl", frames.shape[0])  # (T-1, A)
-        lang = traj / "lang.txt"
-        lines = lang.read_text(errors="replace").strip().splitlines() if lang.is_file() else []
-        relative = traj.relative_to(root)
-        task_dir = traj.parents[4] if len(relative.parts) >= 6 else None  # <task>/<NN>/<stamp>/raw/group/traj
-        clips.append(
-            VideoClip(
-                name=relative.as_posix(),
-                frames=frames,
-                actions=actions,
-                action_labels=direction_labels(actions[:, :3], still_threshold),
-                task=task_dir.relative_to(root).as_posix() if task_dir is not None else "bridge",
-                instruction=lines[0].strip() if lines else "",
+class BridgeFrames(FrameStore):
+    """Every trajectory under `root` (sorted by path; the first `max_videos` when given), frames decoded
+    from their JPEGs when read. Indexing lists each camera folder and reads each policy_out.pkl."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        crop: str = "center",
+        camera: str = "images0",
+        still_threshold: float = 0.005,
+        max_videos: int | None = None,
+    ) -> None:
+        root = _existing(root)
+        trajectories = sorted(p for p in root.glob("**/raw/traj_group*/traj*") if p.is_dir())
+        if not trajectories:
+            raise DataError(f"{root}: no Bridge trajectories (expected <root>/.../raw/traj_group*/traj*/)")
+        self.image_size, self.crop = image_size, crop
+        self.clips, self._folders = [], []
+        for traj in trajectories[:max_videos]:
+            folder = traj / camera
+            actions = _read_policy_out(traj / "policy_out.pkl", _count_jpgs(folder))  # (T-1, A)
+            lang = traj / "lang.txt"
+            lines = lang.read_text(errors="replace").strip().splitlines() if lang.is_file() else []
+            relative = traj.relative_to(root)
+            # <task>/<NN>/<stamp>/raw/group/traj
+            task_dir = traj.parents[4] if len(relative.parts) >= 6 else None
+            self._folders.append(folder)
+            self.clips.append(
+                ClipInfo(
+                    name=relative.as_posix(),
+                    actions=actions,
+                    action_labels=direction_labels(actions[:, :3], still_threshold),
+                    task=task_dir.relative_to(root).as_posix() if task_dir is not None else "bridge",
+                    instruction=lines[0].strip() if lines else "",
+                )
             )
-        )
-    return clips
+
+    def source_files(self, video: int) -> list[Path]:
+        folder = self._folders[video]
+        return [*sorted(folder.glob("im_*.jpg")), folder.parent / "policy_out.pkl"]
+
+    def read(self, video: int, times: np.ndarray) -> np.ndarray:
+        """JPEG draft mode decodes a big frame at a reduced scale that keeps both sides >= image_size."""
+        from PIL import Image
+
+        folder, images = self._folders[video], []
+        for t in times:
+            path = folder / f"im_{t}.jpg"
+            try:
+                with Image.open(path) as image:
+                    image.draft("RGB", (self.image_size, self.image_size))
+                    images.append(np.asarray(image.convert("RGB")))
+            except OSError as err:
+                raise DataError(f"{path}: unreadable image ({err})") from None
+        shapes = {a.shape for a in images}
+        if len(shapes) != 1:
+            raise DataError(f"{folder}: frames differ in size {sorted(shapes)}")
+        return resize_frames(np.stack(images), self.image_size, self.crop)
 
 
-def _read_jpg_folder(folder: Path, image_size: int, crop: str) -> np.ndarray:
-    """im_0.jpg .. im_{T-1}.jpg -> (T, S, S, 3) uint8; JPEG draft mode decodes big frames at reduced scale."""
-    from PIL import Image
-
+def _count_jpgs(folder: Path) -> int:
+    """T of a camera folder holding exactly im_0.jpg .. im_{T-1}.jpg, T >= 2."""
     if not folder.is_dir():
         raise DataError(f"{folder}: missing camera folder (expected {folder.name}/im_<t>.jpg)")
-    index = {int(m.group(1)): p for p in folder.iterdir() if (m := _FRAME.fullmatch(p.name))}
+    index = {int(m.group(1)) for p in folder.iterdir() if (m := _FRAME.fullmatch(p.name))}
     if len(index) < 2:
         raise DataError(f"{folder}: needs at least 2 frames im_<t>.jpg, found {len(index)}")
-    missing = sorted(set(range(len(index))) - set(index))
+    missing = sorted(set(range(len(index))) - index)
     if missing:
         raise DataError(
             f"{folder}: frames must be im_0.jpg..im_{len(index) - 1}.jpg; im_{missing[0]}.jpg is missing"
         )
-    images = []
-    for t in range(len(index)):
-        try:
-            with Image.open(index[t]) as image:
-                image.draft("RGB", (image_size, image_size))  # keeps both sides >= image_size
-                images.append(np.asarray(image.convert("RGB")))
-        except OSError as err:
-            raise DataError(f"{index[t]}: unreadable image ({err})") from None
-    shapes = {a.shape for a in images}
-    if len(shapes) != 1:
-        raise DataError(f"{folder}: frames differ in size {sorted(shapes)}")
-    return resize_frames(np.stack(images), image_size, crop)
+    return len(index)
 
 
 def _read_policy_out(path: Path, num_frames: int) -> np.ndarray:
@@ -151,70 +167,82 @@ def _read_policy_out(path: Path, num_frames: int) -> np.ndarray:
 # ---------------------------------------------------------------- EgoDex
 
 
-def load_egodex(
-    root: str | Path,
-    *,
-    image_size: int,
-    crop: str = "center",
-    parts: Sequence[str] | None = None,
-    joint: str = "rightHand",
-    reference: str = "camera",
-    frame_stride: int = 1,
-    still_threshold: float = 0.002,
-    max_videos: int | None = None,
-) -> list[VideoClip]:
+class EgoDexFrames(FrameStore):
     """Every `<part>/<task>/<i>.hdf5` + `.mp4` pair under `root` (parts: all, or the listed ones).
 
     actions (T-1, 3) = translation of `joint` between consecutive sampled frames (every
-    `frame_stride`-th of the 30 Hz video), in metres, in the camera or world frame.
+    `frame_stride`-th of the 30 Hz video), in metres, in the camera or world frame. Indexing reads only
+    the HDF5 poses; `read` decodes the episode's whole mp4 (H.264 has no cheap random access), so a
+    training run on EgoDex pays one episode decode per pair.
     """
-    if reference not in REFERENCES:
-        raise ValueError(f"egodex reference must be one of {list(REFERENCES)}, got {reference!r}")
-    if not (isinstance(frame_stride, int) and frame_stride >= 1):
-        raise ValueError(f"egodex frame_stride must be an integer >= 1, got {frame_stride!r}")
-    root = _existing(root)
-    if parts is not None:
-        absent = [p for p in parts if not (root / p).is_dir()]
-        if absent:
-            raise DataError(
-                f"{root}: parts {absent} not found "
-                f"(have {sorted(p.name for p in root.iterdir() if p.is_dir())})"
-            )
-    wanted = None if parts is None else set(parts)
-    files = sorted(
-        p for p in root.glob("*/*/*") if p.suffix in (".hdf5", ".mp4") and _in_parts(p, root, wanted)
-    )
-    stems = sorted({p.with_suffix("") for p in files})
-    if not stems:
-        raise DataError(f"{root}: no EgoDex episodes (expected <root>/<part>/<task>/<i>.mp4 + <i>.hdf5)")
-    clips = []
-    for stem in stems[:max_videos]:
-        video, poses = stem.with_suffix(".mp4"), stem.with_suffix(".hdf5")
-        for path in (video, poses):
-            if not path.is_file():
-                raise DataError(f"{path}: missing (each EgoDex episode needs <i>.mp4 and <i>.hdf5)")
-        position, instruction = _egodex_positions(poses, joint, reference)  # (N, 3)
-        frames = _decode_mp4(video, image_size, crop)  # (N, S, S, 3)
-        if frames.shape[0] != position.shape[0]:
-            raise DataError(
-                f"{video}: {frames.shape[0]} video frames but {position.shape[0]} poses in {poses.name}"
-            )
-        frames, position = frames[::frame_stride], position[::frame_stride]
-        if frames.shape[0] < 2:
-            raise DataError(f"{video}: fewer than 2 frames at frame_stride={frame_stride}")
-        actions = np.diff(position, axis=0).astype(np.float32)  # (T-1, 3)
-        part, task, index = stem.relative_to(root).parts
-        clips.append(
-            VideoClip(
-                name=f"{part}/{task}/{index}",
-                frames=frames,
-                actions=actions,
-                action_labels=direction_labels(actions, still_threshold),
-                task=task,
-                instruction=instruction,
-            )
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        crop: str = "center",
+        parts: Sequence[str] | None = None,
+        joint: str = "rightHand",
+        reference: str = "camera",
+        frame_stride: int = 1,
+        still_threshold: float = 0.002,
+        max_videos: int | None = None,
+    ) -> None:
+        if reference not in REFERENCES:
+            raise ValueError(f"egodex reference must be one of {list(REFERENCES)}, got {reference!r}")
+        if not (isinstance(frame_stride, int) and frame_stride >= 1):
+            raise ValueError(f"egodex frame_stride must be an integer >= 1, got {frame_stride!r}")
+        root = _existing(root)
+        if parts is not None:
+            absent = [p for p in parts if not (root / p).is_dir()]
+            if absent:
+                raise DataError(
+                    f"{root}: parts {absent} not found "
+                    f"(have {sorted(p.name for p in root.iterdir() if p.is_dir())})"
+                )
+        wanted = None if parts is None else set(parts)
+        files = sorted(
+            p for p in root.glob("*/*/*") if p.suffix in (".hdf5", ".mp4") and _in_parts(p, root, wanted)
         )
-    return clips
+        stems = sorted({p.with_suffix("") for p in files})
+        if not stems:
+            raise DataError(f"{root}: no EgoDex episodes (expected <root>/<part>/<task>/<i>.mp4 + <i>.hdf5)")
+        self.image_size, self.crop, self.frame_stride = image_size, crop, frame_stride
+        self.clips, self._videos, self._num_poses = [], [], []
+        for stem in stems[:max_videos]:
+            video, poses = stem.with_suffix(".mp4"), stem.with_suffix(".hdf5")
+            for path in (video, poses):
+                if not path.is_file():
+                    raise DataError(f"{path}: missing (each EgoDex episode needs <i>.mp4 and <i>.hdf5)")
+            position, instruction = _egodex_positions(poses, joint, reference)  # (N, 3)
+            self._num_poses.append(position.shape[0])
+            position = position[::frame_stride]
+            if position.shape[0] < 2:
+                raise DataError(f"{video}: fewer than 2 frames at frame_stride={frame_stride}")
+            actions = np.diff(position, axis=0).astype(np.float32)  # (T-1, 3)
+            part, task, index = stem.relative_to(root).parts
+            self._videos.append(video)
+            self.clips.append(
+                ClipInfo(
+                    name=f"{part}/{task}/{index}",
+                    actions=actions,
+                    action_labels=direction_labels(actions, still_threshold),
+                    task=task,
+                    instruction=instruction,
+                )
+            )
+
+    def source_files(self, video: int) -> list[Path]:
+        return [self._videos[video], self._videos[video].with_suffix(".hdf5")]
+
+    def read(self, video: int, times: np.ndarray) -> np.ndarray:
+        path = self._videos[video]
+        frames = _decode_mp4(path, self.image_size, self.crop)  # (N, S, S, 3)
+        if frames.shape[0] != self._num_poses[video]:
+            poses = self._num_poses[video]
+            raise DataError(f"{path}: {frames.shape[0]} video frames but {poses} poses in {path.stem}.hdf5")
+        return frames[:: self.frame_stride][times]
 
 
 def _in_parts(path: Path, root: Path, parts: set[str] | None) -> bool:
@@ -273,59 +301,81 @@ def _decode_mp4(path: Path, image_size: int, crop: str) -> np.ndarray:
 # ---------------------------------------------------------------- LIBERO
 
 
-def load_libero(
-    root: str | Path,
-    *,
-    image_size: int,
-    crop: str = "center",
-    image_key: str = "agentview_rgb",
-    flip: str = "vertical",
-    still_threshold: float = 0.1,
-    max_videos: int | None = None,
-) -> list[VideoClip]:
-    """Every demo of `root` (one .hdf5 file, or every .hdf5 below a folder), task = file stem."""
-    if flip not in FLIPS:
-        raise ValueError(f"libero flip must be one of {list(FLIPS)}, got {flip!r}")
-    root = _existing(root)
-    files = [root] if root.is_file() else sorted(root.glob("**/*.hdf5"))
-    if not files:
-        raise DataError(f"{root}: no LIBERO .hdf5 files")
-    h5py = _h5py()
-    clips: list[VideoClip] = []
-    for path in files:
-        with _open_hdf5(h5py, path) as f:
-            if "data" not in f:
-                raise DataError(f"{path}: missing group 'data' (expected data/demo_<i>/...)")
-            demos = sorted((int(m.group(1)), k) for k in f["data"] if (m := _DEMO.fullmatch(k)))
-            if not demos:
-                raise DataError(f"{path}: no data/demo_<i> groups")
-            instruction = _libero_instruction(f["data"].attrs)
-            for _, demo in demos:
-                if max_videos is not None and len(clips) >= max_videos:
-                    return clips
-                frames, actions = _libero_demo(f, path, demo, image_key)  # (T, H, W, 3), (T, A)
-                if flip == "vertical":
-                    frames = frames[:, ::-1]
-                elif flip == "rotate180":
-                    frames = frames[:, ::-1, ::-1]
-                steps = actions[:-1]  # (T-1, A): the last action leads out of the recording
-                clips.append(
-                    VideoClip(
-                        name=f"{path.stem}/{demo}",
-                        frames=resize_frames(frames, image_size, crop),
-                        actions=steps,
-                        action_labels=direction_labels(steps[:, :3], still_threshold),
-                        task=path.stem,
-                        instruction=instruction,
+class LiberoFrames(FrameStore):
+    """Every demo of `root` (one .hdf5 file, or every .hdf5 below a folder), task = file stem. Indexing
+    reads actions and image shapes; `read` reads only the requested frames (HDF5 random access), from
+    files opened lazily in the reading process (an h5py handle must not cross a fork)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        crop: str = "center",
+        image_key: str = "agentview_rgb",
+        flip: str = "vertical",
+        still_threshold: float = 0.1,
+        max_videos: int | None = None,
+    ) -> None:
+        if flip not in FLIPS:
+            raise ValueError(f"libero flip must be one of {list(FLIPS)}, got {flip!r}")
+        root = _existing(root)
+        files = [root] if root.is_file() else sorted(root.glob("**/*.hdf5"))
+        if not files:
+            raise DataError(f"{root}: no LIBERO .hdf5 files")
+        self.image_size, self.crop, self.flip, self.image_key = image_size, crop, flip, image_key
+        self.clips, self._demos = [], []
+        self._open: tuple[int, dict[Path, Any]] | None = None  # (pid, path -> open file)
+        h5py = _h5py()
+        for path in files:
+            with _open_hdf5(h5py, path) as f:
+                if "data" not in f:
+                    raise DataError(f"{path}: missing group 'data' (expected data/demo_<i>/...)")
+                demos = sorted((int(m.group(1)), k) for k in f["data"] if (m := _DEMO.fullmatch(k)))
+                if not demos:
+                    raise DataError(f"{path}: no data/demo_<i> groups")
+                instruction = _libero_instruction(f["data"].attrs)
+                for _, demo in demos:
+                    if max_videos is not None and len(self.clips) >= max_videos:
+                        return
+                    actions = _libero_demo(f, path, demo, image_key)  # (T, A)
+                    steps = actions[:-1]  # (T-1, A): the last action leads out of the recording
+                    self._demos.append((path, demo))
+                    self.clips.append(
+                        ClipInfo(
+                            name=f"{path.stem}/{demo}",
+                            actions=steps,
+                            action_labels=direction_labels(steps[:, :3], still_threshold),
+                            task=path.stem,
+                            instruction=instruction,
+                        )
                     )
-                )
-    return clips
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": None}  # workers open their own handles
+
+    def source_files(self, video: int) -> list[Path]:
+        return [self._demos[video][0]]
+
+    def read(self, video: int, times: np.ndarray) -> np.ndarray:
+        path, demo = self._demos[video]
+        if self._open is None or self._open[0] != os.getpid():
+            self._open = (os.getpid(), {})
+        files = self._open[1]
+        if path not in files:
+            files[path] = _open_hdf5(_h5py(), path)
+        frames = files[path][f"data/{demo}/obs/{self.image_key}"][np.asarray(times)]  # (n, H, W, 3)
+        if self.flip == "vertical":
+            frames = frames[:, ::-1]
+        elif self.flip == "rotate180":
+            frames = frames[:, ::-1, ::-1]
+        return resize_frames(frames, self.image_size, self.crop)
 
 
-def _libero_demo(f: Any, path: Path, demo: str, image_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One demo's (frames (T, H, W, 3) uint8 as stored, actions (T, A) float32), checked."""
+def _libero_demo(f: Any, path: Path, demo: str, image_key: str) -> np.ndarray:
+    """One demo's actions (T, A) float32, checked together with the shape of its frames (not read)."""
     key = f"data/{demo}/obs/{image_key}"
-    frames = _dataset(f, path, key, trailing=None)
+    frames = _dataset(f, path, key, trailing=None, read=False)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DataError(f"{path}: {key} must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     if frames.shape[0] < 2:
@@ -336,7 +386,7 @@ def _libero_demo(f: Any, path: Path, demo: str, image_key: str) -> tuple[np.ndar
             f"{path}: data/{demo}/actions has shape {actions.shape}, expected ({frames.shape[0]}, >= 3)"
         )
     _check_finite(path, actions)
-    return frames, actions
+    return actions
 
 
 def _libero_instruction(attrs: Any) -> str:
@@ -374,12 +424,13 @@ def _open_hdf5(h5py: Any, path: Path) -> Any:
         raise DataError(f"{path}: unreadable HDF5 ({err})") from None
 
 
-def _dataset(f: Any, path: Path, key: str, trailing: tuple[int, ...] | None) -> np.ndarray:
+def _dataset(f: Any, path: Path, key: str, trailing: tuple[int, ...] | None, read: bool = True) -> Any:
+    """The dataset `key` of HDF5 file `f`, read into memory (or the h5py handle when not `read`)."""
     if key not in f:
         parent = key.rsplit("/", 1)[0]
         have = sorted(f[parent]) if parent in f else []
         raise DataError(f"{path}: missing dataset {key!r} (have {have[:12]} under {parent!r})")
-    data = f[key][()]
+    data = f[key][()] if read else f[key]
     if trailing is not None and (data.ndim != 1 + len(trailing) or data.shape[1:] != trailing):
         raise DataError(f"{path}: {key} must be (N, {', '.join(map(str, trailing))}), got {data.shape}")
     return data

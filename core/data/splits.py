@@ -10,18 +10,27 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from core.atomic import atomic_write_json
-from core.data.features import DataError
+from core.data.errors import DataError
 from core.data.video import Video
 
 SPLIT_NAMES = ("train", "val", "test")
 # split name -> task -> handles
 Splits = dict[str, dict[str, list[str]]]
+
+
+class Handle(NamedTuple):
+    """What the split functions read from a video: its name within its task (stand-in for records
+    whose split unit is not the video itself, e.g. a slots recording)."""
+
+    name: str
+    task: str
 
 
 def make_splits(
@@ -115,6 +124,29 @@ def save_splits(splits: Splits, path: str | Path) -> None:
         task: {name: list(splits.get(name, {}).get(task, [])) for name in SPLIT_NAMES} for task in tasks
     }
     atomic_write_json(path, payload)
+
+
+def resolve_splits(
+    videos: Sequence[Video],
+    run_dir: str | Path,
+    *,
+    fractions: Sequence[float],
+    seed: int,
+    dataset_file: str | Path | None = None,
+    derive: Callable[[], Splits] | None = None,
+) -> Splits:
+    """A run's fixed splits, the one rule every family follows: the run dir's own `splits.json` (resume,
+    eval), else the dataset's splits file when given and present, else derived by `derive()` (default:
+    `make_splits(videos, fractions, seed)`). Nothing is written here: a family's `save` stores them in the
+    run dir once the run is known to be valid."""
+    saved = Path(run_dir) / "splits.json"
+    if saved.exists():
+        return load_splits(saved, videos)
+    if dataset_file is not None and Path(dataset_file).exists():
+        return load_splits(dataset_file, videos)
+    if derive is not None:
+        return derive()
+    return make_splits(videos, fractions=(*fractions,), seed=seed)
 
 
 def select(videos: Sequence[Video], splits: Splits, split: str) -> list[Video]:

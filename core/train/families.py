@@ -1,6 +1,6 @@
 """Which module trains which family, and the checks every family shares.
 
-A family module exposes `Task` (built as `Task(cfg, run_dir, device)`, see `core.train.run.FamilyTask`),
+A family module exposes `Task` (a subclass of `core.train.loop.Task`, built as `Task(cfg, run_dir, device)`),
 `check_config(cfg)` (ValueError naming the key) and `logged_metrics(cfg)` (every metric name a run logs, so a
 sweep can reject an objective that never appears). Modules are imported on first use: a progress run never
 pays for the video or slots code.

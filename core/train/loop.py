@@ -17,10 +17,11 @@ import json
 import math
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -53,25 +54,74 @@ class Reporter(Protocol):
     def report(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
-class Task(Protocol):
-    """What a family plugs into the loop."""
+class Task(ABC):
+    """What a family plugs into the loop and into a run (`core.train.run`): the one declared interface.
+
+    A family module's `Task(cfg, run_dir, device)` subclasses it. Abstract methods are required; every
+    other hook has its default here, so the loop never asks whether a task has one."""
 
     model: torch.nn.Module
+    device: torch.device = torch.device("cpu")
+    # checkpoint name -> validation metric whose minimum it keeps; the first is the one evaluated at the end
+    best_checkpoints: ClassVar[dict[str, str]] = {"best": "val/total_loss"}
 
+    @abstractmethod
     def train_batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
         """The epoch's batches; all draws from `generator` happen before the first batch is yielded
         (the loop rebuilds a half-done epoch from the generator's state at its start)."""
-        ...
 
+    @abstractmethod
     def val_batches(self) -> Iterable[Any]: ...
 
+    @abstractmethod
     def losses(self, batch: Any, epoch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Scalar losses; `total_loss` is the one optimised."""
-        ...
 
+    @abstractmethod
     def evaluate(self, split: str, epoch: int) -> dict[str, float]:
         """Task metrics on a split (e.g. OGPE), keys without the split prefix."""
-        ...
+
+    @abstractmethod
+    def evaluate_checkpoint(self, run_dir: Path, checkpoint: str) -> dict[str, float]:
+        """`val/...` and `test/...` metrics of the loaded weights; may draw plots under run_dir/plots."""
+
+    # ------------------------------------------------------------------ optional hooks and their defaults
+    def train_batches_from(self, epoch: int, generator: torch.Generator, start: int) -> Iterator[Any]:
+        """Batches `start`.. of the epoch `train_batches(epoch, generator)` yields (a resumed epoch), after
+        the same draws. Default: rebuild the epoch and skip its first `start` batches; a task whose batches
+        are costly to read overrides it to skip them unread. Fewer than `start` batches: ValueError."""
+        batches = iter(self.train_batches(epoch, generator))
+        done = sum(1 for _ in itertools.islice(batches, start))
+        if done < start:
+            raise ValueError(f"the epoch has {done} batches, fewer than {start}")
+        return batches
+
+    def param_groups(self) -> list[Any]:
+        """The optimiser's parameters or param groups (per-module learning rates); default: every
+        trainable parameter in one group at trainer.lr."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def lr_factor(self, epoch: int) -> float | None:
+        """Multiplier of every group's lr in `epoch` when the task has its own schedule; None (default):
+        the trainer's warmup + cosine/constant schedule."""
+        return None
+
+    def shard_batch(self, batch: Any, rank: int, world_size: int) -> Any:
+        """This rank's share of a global batch for data-parallel training. Default: the task cannot
+        train data-parallel (the trainer refuses it before the first step)."""
+        raise TrainingFailed(f"{type(self).__name__} has no shard_batch(): it cannot train data-parallel")
+
+    def save(self, run_dir: Path) -> None:
+        """Write what a later evaluation needs to see the same data (e.g. the splits); default: nothing."""
+        return
+
+    def describe(self) -> dict[str, Any]:
+        """A few facts about the data for the summary (split sizes); default: none."""
+        return {}
+
+    def after_fit(self, history: list[dict[str, float]], run_dir: Path) -> None:
+        """End-of-training artefacts (loss curves); default: none."""
+        return
 
 
 @dataclass
@@ -102,11 +152,9 @@ class FitResult:
 
 
 def _make_optimizer(task: Task, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """A task with per-module learning rates supplies `param_groups()`; otherwise one group at trainer.lr."""
-    if hasattr(task, "param_groups"):
-        params: list[Any] = task.param_groups()
-    else:
-        params = [p for p in task.model.parameters() if p.requires_grad]
+    """The task's `param_groups()` (default: its trainable parameters), each at trainer.lr unless the group
+    sets its own."""
+    params = task.param_groups()
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -119,10 +167,11 @@ def _make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-epoch multiplier of every group's lr: the task's `lr_factor(epoch)` when it has its own schedule,
     else linear warmup then cosine to 0, or constant."""
-    if hasattr(task, "lr_factor"):
-        return torch.optim.lr_scheduler.LambdaLR(opt, task.lr_factor)
 
     def factor(epoch: int) -> float:
+        own = task.lr_factor(epoch)
+        if own is not None:
+            return own
         if epoch < cfg.warmup_epochs:
             return (epoch + 1) / (cfg.warmup_epochs + 1)
         if cfg.scheduler == "cosine":
@@ -161,7 +210,7 @@ class Trainer:
         dist: DistContext = SINGLE,
     ):
         self.task, self.cfg, self.run_dir, self.reporter, self.dist = task, cfg, Path(run_dir), reporter, dist
-        if dist.enabled and not hasattr(task, "shard_batch"):
+        if dist.enabled and type(task).shard_batch is Task.shard_batch:
             raise TrainingFailed(f"{type(task).__name__} has no shard_batch(): it cannot train data-parallel")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -250,9 +299,11 @@ class Trainer:
         if not part["batches"]:
             return iter(self.task.train_batches(epoch, self.generator))
         gen = torch.Generator().set_state(part["epoch_generator"])
-        batches = iter(self.task.train_batches(epoch, gen))
-        done = sum(1 for _ in itertools.islice(batches, part["batches"]))
-        if done < part["batches"] or not torch.equal(gen.get_state(), part["order_generator"]):
+        try:
+            batches: Iterator[Any] | None = self.task.train_batches_from(epoch, gen, part["batches"])
+        except ValueError:  # fewer batches than were done
+            batches = None
+        if batches is None or not torch.equal(gen.get_state(), part["order_generator"]):
             raise TrainingFailed(
                 f"cannot resume epoch {epoch} after batch {part['batches']} of {self.ckpt_dir / 'last.pt'}: "
                 f"the task's train_batches differ from the interrupted run's (other data, or draws "

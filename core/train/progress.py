@@ -12,8 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json
-from core.data.features import DataError, load_feature_dataset
-from core.data.splits import Splits, load_splits, make_splits, save_splits, select
+from core.data.errors import DataError
+from core.data.features import load_feature_dataset
+from core.data.splits import resolve_splits, save_splits, select
 from core.data.synthetic import make_procedure_dataset
 from core.data.video import Video
 from core.losses.alignment import gtcc_loss, lav_loss, tcc_loss, vava_loss
@@ -22,6 +23,7 @@ from core.losses.progress import cumulative_l2_progress_loss, learnable_progress
 from core.metrics.progress_eval import METRIC_NAMES, ProgressEvaluator
 from core.models.encoder import MultiHeadModel, TemporalStacking
 from core.models.progress_head import HEAD_KINDS, ProgressHead
+from core.train.loop import Task
 from core.train.plots import plot_calibration, plot_dual_losses, plot_progress_curves
 
 ALIGNMENT_LOSSES = {"tcc": tcc_loss, "gtcc": gtcc_loss, "lav": lav_loss, "vava": vava_loss}
@@ -97,18 +99,6 @@ def load_videos(data_cfg: DictConfig) -> list[Video]:
     raise ValueError(f"data.kind must be 'synthetic' or 'features', got {data_cfg.kind!r}")
 
 
-def resolve_splits(data_cfg: DictConfig, videos: list[Video], run_dir: Path) -> Splits:
-    """The run's fixed splits: the run dir's own, else the dataset's data_splits.json, else derived by handle.
-
-    Nothing is written here: `save` stores them in the run dir once the run is known to be valid."""
-    saved = run_dir / "splits.json"
-    if saved.exists():
-        return load_splits(saved, videos)
-    if data_cfg.get("splits_file") and (Path(data_cfg.root) / data_cfg.splits_file).exists():
-        return load_splits(Path(data_cfg.root) / data_cfg.splits_file, videos)
-    return make_splits(videos, fractions=tuple(data_cfg.split_fractions), seed=data_cfg.split_seed)
-
-
 def progress_lambda(cfg: DictConfig, epoch: int, epochs: int) -> float:
     """Fixed lambda, or the seeds' linear curriculum from `start` (epoch 0) to `end` (last epoch)."""
     cur = cfg.curriculum
@@ -172,7 +162,7 @@ def build_model(cfg: DictConfig, input_dim: int, num_tasks: int) -> ProgressMode
     return ProgressModel(encoder, head)
 
 
-class ProgressTask:
+class ProgressTask(Task):
     """Data, model and losses of one progress-family run."""
 
     # the seeds' dual checkpoints: best total (alignment + progress) and best alignment alone
@@ -188,7 +178,14 @@ class ProgressTask:
             raise ValueError(f"loss.progress.method must be one of {PROGRESS_METHODS}")
         self.cfg, self.device = cfg, device
         videos = load_videos(cfg.data)
-        self.splits = resolve_splits(cfg.data, videos, run_dir)
+        d = cfg.data
+        self.splits = resolve_splits(
+            videos,
+            run_dir,
+            fractions=d.split_fractions,
+            seed=d.split_seed,
+            dataset_file=Path(d.root) / d.splits_file if d.get("splits_file") else None,
+        )
         self.videos = {s: select(videos, self.splits, s) for s in ("train", "val", "test")}
         self.tasks = sorted({v.task for v in videos})
         for split in ("train", "val"):

@@ -13,7 +13,7 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,26 +23,6 @@ from core.train.checkpoint import load_checkpoint
 from core.train.distributed import context_from_env, init_process_group
 from core.train.families import family_module
 from core.train.loop import Reporter, Task, Trainer, TrainerConfig
-
-
-class FamilyTask(Task, Protocol):
-    """What a family module's `Task(cfg, run_dir, device)` offers beyond the loop's `Task`."""
-
-    device: torch.device
-    # checkpoint name -> validation metric whose minimum it keeps; the first is the one evaluated at the end
-    best_checkpoints: dict[str, str]
-
-    def save(self, run_dir: Path) -> None:
-        """Write what a later evaluation needs to see the same data (e.g. the splits)."""
-
-    def describe(self) -> dict[str, Any]:
-        """A few facts about the data for the summary (split sizes)."""
-
-    def evaluate_checkpoint(self, run_dir: Path, checkpoint: str) -> dict[str, float]:
-        """`val/...` and `test/...` metrics of the loaded weights; may draw plots under run_dir/plots."""
-
-    def after_fit(self, history: list[dict[str, float]], run_dir: Path) -> None:
-        """End-of-training artefacts (loss curves)."""
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:
@@ -106,7 +86,7 @@ def trainer_config(cfg: DictConfig, best: dict[str, str]) -> TrainerConfig:
     return TrainerConfig(**t, seed=cfg.seed, best=best)
 
 
-def build_task(cfg: DictConfig, run_dir: Path) -> FamilyTask:
+def build_task(cfg: DictConfig, run_dir: Path) -> Task:
     if cfg.trainer.num_threads:
         # small models on a shared CPU: extra intra-op threads cost far more than they give
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -114,9 +94,7 @@ def build_task(cfg: DictConfig, run_dir: Path) -> FamilyTask:
     return family_module(cfg.family).Task(cfg, run_dir, pick_device(cfg.trainer.device))
 
 
-def evaluate_run(
-    run_dir: Path, checkpoint: str | None = None, task: FamilyTask | None = None
-) -> dict[str, float]:
+def evaluate_run(run_dir: Path, checkpoint: str | None = None, task: Task | None = None) -> dict[str, float]:
     """Val and test metrics of one checkpoint of a run (default: the family's first best checkpoint), also
     written to eval/<checkpoint>.json."""
     run_dir = Path(run_dir)
@@ -133,7 +111,7 @@ def evaluate_run(
 
 
 def run_experiment(
-    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: FamilyTask | None = None
+    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: Task | None = None
 ) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir` and write its summary; returns the summary.
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json
-from core.data.features import DataError
+from core.data.errors import DataError
 from core.data.multi_object import DATA_KINDS, ObjectVideo, batch_videos, load_object_videos, split_videos
-from core.data.splits import SPLIT_NAMES
+from core.data.splits import SPLIT_NAMES, Handle, Splits, resolve_splits, save_splits, select
 from core.losses.slots import feature_reconstruction_loss, slot_contrastive_loss
 from core.metrics.segmentation import masks_to_labels, mbo, random_mask_baseline, video_ari
 from core.models.backbone import ViTBackbone, load_vit_checkpoint
@@ -39,6 +39,7 @@ from core.models.slots import (
     upsample_masks,
 )
 from core.train.checkpoint import load_checkpoint
+from core.train.loop import Task
 from core.train.slots_plots import plot_slot_masks, plot_slots_history
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def init_from_checkpoint(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     return report
 
 
-class SlotsTask:
+class SlotsTask(Task):
     """Data, model, losses and segmentation metrics of one slots-family run."""
 
     best_checkpoints: ClassVar[dict[str, str]] = {"best": "val/total_loss"}
@@ -287,17 +288,21 @@ class SlotsTask:
         self.with_masks = has_masks(cfg)
 
     def _load_splits(self, videos: list[ObjectVideo]) -> dict[str, list[ObjectVideo]]:
-        """The run dir's own splits.json when it exists (resume, eval), else derived by source recording."""
-        saved = self.run_dir / "splits.json"
-        if not saved.exists():
-            d = self.cfg.data
-            return split_videos(videos, tuple(d.split_fractions), d.split_seed)
-        names = OmegaConf.to_container(OmegaConf.load(saved))
+        """The shared rule (`resolve_splits`): the run dir's own splits.json (resume, eval), else derived by
+        source recording; one task 'objects' whose handles are the clip names."""
+        d = self.cfg.data
+
+        def by_recording() -> Splits:
+            parts = split_videos(videos, tuple(d.split_fractions), d.split_seed)
+            return {split: {"objects": [v.name for v in part]} for split, part in parts.items()}
+
+        handles = [Handle(name=v.name, task="objects") for v in videos]
+        splits = resolve_splits(
+            handles, self.run_dir, fractions=d.split_fractions, seed=d.split_seed, derive=by_recording
+        )
+        self.split_handles = splits
         by_name = {v.name: v for v in videos}
-        unknown = sorted(n for split in SPLIT_NAMES for n in names.get(split, []) if n not in by_name)
-        if unknown:
-            raise DataError(f"{saved}: clips not in the loaded data: {unknown[:5]}")
-        return {split: [by_name[n] for n in names.get(split, [])] for split in SPLIT_NAMES}
+        return {s: [by_name[h.name] for h in select(handles, splits, s)] for s in SPLIT_NAMES}
 
     # ------------------------------------------------------------------ optimiser hooks for the loop
     def param_groups(self) -> list[dict[str, Any]]:
@@ -422,9 +427,7 @@ class SlotsTask:
         plot_slots_history(history, Path(run_dir) / "plots" / "slots_history.png")
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(
-            Path(run_dir) / "splits.json", {s: [v.name for v in self.splits[s]] for s in SPLIT_NAMES}
-        )
+        save_splits(self.split_handles, Path(run_dir) / "splits.json")
         if self.init_report is not None:
             atomic_write_json(Path(run_dir) / "init_from.json", self.init_report)
 

@@ -18,23 +18,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.data.clips import (
-    FrameBank,
-    PairSample,
-    check_data_config,
-    gather_pairs,
-    load_clips,
-    num_action_classes,
-    pair_labels,
-    sample_pairs,
-)
-from core.data.features import DataError
-from core.data.splits import SPLIT_NAMES, Splits, load_splits, make_splits, save_splits, select
+from core.data.clips import PairSample, sample_pairs
+from core.data.errors import DataError
+from core.data.frames import pair_labels
+from core.data.loader import PairBatches, default_num_workers, pair_loader
+from core.data.sources import check_data_config, num_action_classes, open_frames
+from core.data.splits import SPLIT_NAMES, Splits, resolve_splits, save_splits, select
 from core.metrics.representation import (
     linear_probe_accuracy,
     majority_accuracy,
@@ -44,6 +38,8 @@ from core.metrics.representation import (
 )
 from core.models.two_stream import TwoStreamVideoPredictor, build_two_stream, encoder_problems
 from core.models.video_decoder import decoder_problems
+from core.train.distributed import SINGLE, DistContext, context_from_env
+from core.train.loop import Task
 from core.train.video_plots import plot_predictions, plot_training_curves
 
 AMP_MODES = ("none", "bf16")
@@ -87,6 +83,16 @@ def check_config(cfg: DictConfig) -> None:
         problems += [f"model.decoder: {p}" for p in decoder_problems(m.decoder.variant, m.patch_size)]
     else:
         problems.append(f"model sizes must be integers, got {sizes}")
+    loader = cfg.get("loader") or {}
+    workers = loader.get("num_workers")
+    need(
+        workers is None or (isinstance(workers, int) and workers >= 0),
+        "loader.num_workers must be null or an integer >= 0",
+    )
+    need(
+        isinstance(loader.get("prefetch_factor", 2), int) and loader.get("prefetch_factor", 2) >= 1,
+        "loader.prefetch_factor must be an integer >= 1",
+    )
     need(cfg.get("amp") in AMP_MODES, f"amp must be one of {list(AMP_MODES)}, got {cfg.get('amp')!r}")
     for key in ("pairs", "probe_pairs", "probe_max_iter", "retrieval_k", "batch_size"):
         need(isinstance(e.get(key), int) and e[key] >= 1, f"eval.{key} must be an integer >= 1")
@@ -127,29 +133,31 @@ def _fixed_generator(split_seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{split_seed}/{purpose}".encode()))
 
 
-class VideoTask:
-    """Data, model, loss and evaluation of one video-family run."""
+class VideoTask(Task):
+    """Data, model, loss and evaluation of one video-family run.
 
-    best_checkpoints: ClassVar[dict[str, str]] = {"best": "val/total_loss"}
+    Only the clip index is held in memory; frames are read per batch by the input pipeline
+    (`core.data.loader`: `loader.num_workers` worker processes, default the task's CPUs minus one)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        clips = load_clips(cfg.data)
-        saved = Path(run_dir) / "splits.json"
-        self.splits: Splits = (
-            load_splits(saved, clips)
-            if saved.exists()
-            else make_splits(clips, fractions=tuple(cfg.data.split_fractions), seed=cfg.data.split_seed)
+        self.store = open_frames(cfg.data)
+        d = cfg.data
+        self.splits: Splits = resolve_splits(
+            self.store.clips, run_dir, fractions=d.split_fractions, seed=d.split_seed
         )
-        self.clips = {s: select(clips, self.splits, s) for s in SPLIT_NAMES}
+        index = {(c.task, c.name): i for i, c in enumerate(self.store.clips)}
+        self.videos = {  # split -> indices of its clips in the store
+            s: [index[c.task, c.name] for c in select(self.store.clips, self.splits, s)] for s in SPLIT_NAMES
+        }
+        self.clips = {s: [self.store.clips[i] for i in v] for s, v in self.videos.items()}
         for split, part in self.clips.items():
             if not any(c.num_frames >= 2 for c in part):
                 raise DataError(
                     f"the {split} split has no clip of 2 or more frames ({len(part)} clips): add videos or "
                     "change data.split_fractions"
                 )
-        self.banks = {s: FrameBank.from_clips(part) for s, part in self.clips.items()}
-        self.lengths = {s: bank.lengths.tolist() for s, bank in self.banks.items()}
+        self.lengths = {s: [c.num_frames for c in part] for s, part in self.clips.items()}
         p, e = cfg.data.pairs, cfg.eval
         self.k_max, self.gaps = p.k_max, named_gaps(p.k_max)
         # fixed pairs: the probe's training set (train split) and the held-out evaluation pairs
@@ -164,25 +172,46 @@ class VideoTask:
             )
             for split in SPLIT_NAMES
         }
-        self.labels = {s: pair_labels(self.banks[s], sample) for s, sample in self.samples.items()}
+        self.labels = {s: pair_labels(self.clips[s], sample) for s, sample in self.samples.items()}
         self.num_classes = num_action_classes(cfg.data)
         self.amp = cfg.amp == "bf16" and device.type == "cuda"
+        loader = cfg.get("loader") or {}
+        workers = loader.get("num_workers")
+        self.num_workers = default_num_workers() if workers is None else workers
+        self.prefetch_factor = loader.get("prefetch_factor", 2)
+        self.shard = context_from_env()  # a data-parallel rank reads only its rows of each batch
         self.model = build_model(cfg.model).to(device)
 
     # ------------------------------------------------------------------ batches
-    def _batches(self, split: str, sample: PairSample, batch_size: int) -> Iterator[PairBatch]:
-        for start in range(0, len(sample.t), batch_size):
-            part = _take(sample, slice(start, start + batch_size))
-            img_t, img_tk = gather_pairs(self.banks[split], part)
+    def _batches(
+        self, split: str, sample: PairSample, batch_size: int, start: int = 0, shard: DistContext = SINGLE
+    ) -> Iterator[PairBatch]:
+        """Batches `start`.. of `sample`'s pairs, read ahead by the loader's workers; floats on the device."""
+        batches = PairBatches(
+            self.store, self.videos[split], sample, batch_size, shard.rank, shard.world_size
+        )
+        cuda = self.device.type == "cuda"
+        items = pair_loader(
+            batches,
+            start=start,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            pin_memory=cuda,
+        )
+        for item in items:
             yield PairBatch(
-                img_t.to(self.device, non_blocking=True),
-                img_tk.to(self.device, non_blocking=True),
-                part.k.to(self.device),
-                part.weight.to(self.device),
+                item.img_t.to(self.device, non_blocking=cuda).float().div_(255.0),
+                item.img_tk.to(self.device, non_blocking=cuda).float().div_(255.0),
+                item.k.to(self.device),
+                item.weight.to(self.device),
             )
 
     def train_batches(self, epoch: int, generator: torch.Generator) -> Iterator[PairBatch]:
-        """`data.pairs_per_epoch` fresh pairs, all drawn before the first batch (exact mid-epoch resume)."""
+        return self.train_batches_from(epoch, generator, 0)
+
+    def train_batches_from(self, epoch: int, generator: torch.Generator, start: int) -> Iterator[PairBatch]:
+        """`data.pairs_per_epoch` fresh pairs, all drawn before the first batch (exact mid-epoch resume);
+        a resumed epoch skips its done batches without reading them. This rank's rows only."""
         p = self.cfg.data.pairs
         sample = sample_pairs(
             self.lengths["train"],
@@ -192,18 +221,18 @@ class VideoTask:
             weight_decay=p.weight_decay,
             generator=generator,
         )
-        return self._batches("train", sample, self.cfg.data.batch_size)
+        n_batches = -(-len(sample.t) // self.cfg.data.batch_size)
+        if start > n_batches:
+            raise ValueError(f"the epoch has {n_batches} batches, fewer than {start}")
+        return self._batches("train", sample, self.cfg.data.batch_size, start, self.shard)
 
     def shard_batch(self, batch: PairBatch, rank: int, world_size: int) -> PairBatch:
-        """This rank's equal share of a global batch (data-parallel training). The loss is a mean over
-        pairs, so the mean of the shards' gradients is the global batch's gradient."""
-        n = batch.k.shape[0]
-        if n % world_size:
-            raise ValueError(
-                f"data.batch_size={n} is not divisible by {world_size} ranks (data.pairs_per_epoch too)"
-            )
-        part = slice(rank * n // world_size, (rank + 1) * n // world_size)
-        return PairBatch(batch.img_t[part], batch.img_tk[part], batch.k[part], batch.weight[part])
+        """The batch as read: the loader of each rank already read only its equal share of every global
+        batch (`PairBatches.rows`). The loss is a mean over pairs, so the mean of the shards' gradients
+        is the global batch's gradient."""
+        if (rank, world_size) != (self.shard.rank, self.shard.world_size):
+            raise ValueError(f"batches were read for rank {self.shard.rank} of {self.shard.world_size}")
+        return batch
 
     def val_batches(self) -> Iterator[PairBatch]:
         return self._batches("val", self.samples["val"], self.cfg.eval.batch_size)
