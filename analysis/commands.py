@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.records import STATES, load_history, open_sweep, read_metrics, sweep_dir_of, sweep_runs
-from analysis.stats import TESTS
+from analysis.stats import STATS, TESTS
 from analysis.tables import FORMATS, ablation_table, param_importances, render, search_report
 from core.train.plots import plot_dual_losses
 from launchers.sweeps.spec import SweepSpec
@@ -59,6 +59,15 @@ def _check_by(runs: pd.DataFrame, by: Sequence[str], spec: SweepSpec) -> list[st
     return list(by)
 
 
+def pair_on(spec: SweepSpec, runs: pd.DataFrame, groups: Sequence[str]) -> list[str]:
+    """What pairs runs across groups: the seed and the grid axes left out of `groups`, which block the
+    pairs (and are the tasks of the stratified bootstrap) instead of being averaged away."""
+    left_out = (
+        [a for a in _axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+    )
+    return ["seed", *left_out]
+
+
 def _headline(spec: SweepSpec, runs: pd.DataFrame, metric: str) -> str:
     counts = Counter(runs["state"])
     states = ", ".join(f"{s} {counts.get(s, 0)}" for s in STATES)
@@ -73,13 +82,17 @@ def table_command(
     fmt: str,
     baseline: str | None,
     test: str,
+    stat: str = "mean",
 ) -> str:
     """The text `ablate table` prints: an ablation table of a grid sweep (or of a search sweep grouped
-    `by` some params), or a search sweep's top trials, importances and re-run sweep. Writes nothing."""
+    `by` some params) of the `stat` (mean, median, iqm) over seeds, or a search sweep's top trials,
+    importances and re-run sweep. Writes nothing."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if test not in TESTS:
         raise ValueError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
+    if stat not in STATS:
+        raise ValueError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     study = open_sweep(sweep, root)
     spec, runs = study.spec, sweep_runs(study)
     column = resolve_metric(runs, metric, spec)
@@ -89,14 +102,17 @@ def table_command(
         body = search_report(study, runs, column, fmt)
     else:
         groups = _check_by(runs, by or _axes(spec), spec)
-        # grid axes left out of --by block the pairs (with the seed) instead of being averaged away
-        left_out = (
-            [a for a in _axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+        table = ablation_table(
+            runs,
+            groups,
+            column,
+            spec.direction,
+            baseline,
+            test,
+            pair_on=pair_on(spec, runs, groups),
+            stat=stat,
         )
-        pair_on = ["seed", *left_out]
-        body = render(
-            ablation_table(runs, groups, column, spec.direction, baseline, test, pair_on=pair_on), fmt
-        )
+        body = render(table, fmt)
     headline = _headline(spec, runs, column)
     if fmt == "csv":
         return body

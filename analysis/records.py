@@ -140,12 +140,15 @@ def worker_launchers(sweep_dir: Path) -> dict[str, str]:
 
 
 def allocated_gpus(spec: SweepSpec, launcher: str | None) -> int | None:
-    """GPUs SLURM gave one worker of the sweep (one task per array job: `gpus_per_task`), or None for a
-    local process. `launcher`: the worker's, None when unknown (the sweep's own launcher is assumed).
-    The resources are the sweep's current ones (sweep.json)."""
+    """GPUs SLURM gave one worker of the sweep, or None for a local process: `gpus_per_task` x
+    `tasks_per_node` (a worker is one array job on one node; with several tasks it trains each trial
+    data parallel over all of them, so all their GPUs are billed to the trial). `launcher`: the
+    worker's, None when unknown (the sweep's own launcher is assumed). The resources are the sweep's
+    current ones (sweep.json)."""
     if (launcher or spec.launcher.get("name", "local")) != "slurm":
         return None
-    return int((spec.launcher.get("slurm") or {}).get("gpus_per_task", 0))
+    slurm = spec.launcher.get("slurm") or {}
+    return int(slurm.get("gpus_per_task", 0)) * int(slurm.get("tasks_per_node", 1))
 
 
 def _plain_runs(path: Path) -> pd.DataFrame:

@@ -196,6 +196,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             {"md": "markdown"}.get(args.format, args.format),
             args.baseline,
             args.test,
+            args.stat,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -292,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--baseline", help="the row others are tested against (default: the first)")
     tb.add_argument(
         "--test", choices=["wilcoxon", "ttest"], default="wilcoxon", help="paired test over seeds"
+    )
+    tb.add_argument(
+        "--stat",
+        choices=["mean", "median", "iqm"],
+        default="mean",
+        help="aggregate over seeds (iqm: rliable's)",
     )
     tb.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     tb.set_defaults(func=cmd_table)
