@@ -272,6 +272,9 @@ class SweepStudy:
         attempt = int(attrs.get("attempt", 1))
         for name, value in {"trial_key": key, "seed": seed, "worker": worker, "attempt": attempt}.items():
             trial.set_user_attr(name, value)
+        # the dashboard's trial table: the group label (grid axes or search values) and the run's folder
+        trial.set_user_attr("label", ", ".join(f"{k}={v}" for k, v in params.items()))
+        trial.set_user_attr("run_dir", str(self.sweep_dir / "trials" / key))
         trial.set_user_attr("claimed_at", time.time())
         if slurm_job is not None:
             trial.set_user_attr("slurm_job", slurm_job)
