@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.stats import bootstrap_ci, group_label
+from analysis.stats import Ranking, bootstrap_ci, group_label
 from core.train.plots import _save as save_figure
 
 
@@ -106,5 +106,41 @@ def importance_bars(importances: dict[str, float], evaluator: str, path: Path) -
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue", alpha=0.8)
     ax.set(xlabel="importance", title=f"parameter importances ({evaluator})")
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def ranking_plot(ranking: Ranking, title: str, path: Path) -> Path:
+    """A critical-difference diagram (Demsar 2006): groups on an axis of mean rank (1 = best, left),
+    half labelled on each side; a thick bar joins groups of which no two differ (Wilcoxon, Holm)."""
+    groups, ranks = ranking.ranks["group"].tolist(), ranking.ranks["mean_rank"].to_numpy(float)
+    k = len(groups)
+    half = (k + 1) // 2
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.4 * half))
+    margin = max(1.5, 0.35 * k)  # room for the labels on both sides
+    ax.set_xlim(1 - margin, k + margin)
+    ax.set_ylim(-(half + 0.6), 1.2)
+    ax.axis("off")
+    ax.hlines(0, 1, k, color="black")
+    for r in range(1, k + 1):
+        ax.vlines(r, 0, 0.15, color="black")
+        ax.text(r, 0.3, str(r), ha="center", va="bottom")
+    for i, (group, rank) in enumerate(zip(groups, ranks, strict=True)):
+        left = i < half
+        level = -(i + 1) if left else -(k - i)
+        end = 0.7 if left else k + 0.3
+        ax.plot([rank, rank, end], [0, level, level], color="black", lw=1)
+        ax.text(end, level, f"{group} ({rank:.2f})", ha="right" if left else "left", va="center", fontsize=9)
+    index = {g: i for i, g in enumerate(groups)}
+    for j, clique in enumerate(ranking.cliques):
+        lo, hi = ranks[index[clique[0]]], ranks[index[clique[-1]]]
+        y = -0.3 - 0.6 * j / max(len(ranking.cliques), 1)  # all bars above the first label
+        ax.plot([lo - 0.03, hi + 0.03], [y, y], color="tab:red", lw=4, solid_capstyle="round")
+    p = ranking.friedman_p
+    ax.set_title(
+        f"{title}\nmean rank over {ranking.n_blocks} blocks; Friedman p = {p:.3g}; bars: no pair differs "
+        f"(Wilcoxon, Holm, alpha {ranking.alpha})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save_figure(fig, Path(path))

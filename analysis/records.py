@@ -132,6 +132,13 @@ def summary_columns(run_dir: Path, allocated_gpus: int | None = None) -> dict[st
     return record_columns(_read_json(run_dir / "summary.json"), cfg, allocated_gpus)
 
 
+def run_environment(run_dir: Path) -> dict[str, Any]:
+    """What a run recorded about its code and machine (summary.json `environment`: git commit, dirty,
+    python, host, package versions); empty before its summary exists."""
+    summary = Path(run_dir) / "summary.json"
+    return dict(_read_json(summary).get("environment") or {}) if summary.is_file() else {}
+
+
 def worker_launchers(sweep_dir: Path) -> dict[str, str]:
     """Worker name -> launcher (local | slurm) of every worker submitted for a sweep, from its jobs.json
     (written by launchers/sweeps/local.py `record_jobs`)."""

@@ -7,6 +7,7 @@ that is still running or had failures is correct about what it is based on.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -221,6 +222,28 @@ def render_markdown(table: pd.DataFrame) -> str:
     return _markdown(rows, [i >= n_by for i in range(len(rows[0]))]) + "\n\n" + _legend(table)
 
 
+def render_html(table: pd.DataFrame) -> str:
+    """The table as an HTML <table> (numbers right-aligned) and its legend, for the report."""
+    marks = {k: f" {v}" for k, v in _MARK.items()} | {SMALL_N: f" {SMALL_N}"}
+    rows = _cells(table, html.escape, "<b>{}</b>", marks, "±")
+    n_by = len(table.attrs["by"])
+    return html_table(rows, n_by) + f'\n<p class="legend">{html.escape(_legend(table))}</p>'
+
+
+def html_table(rows: list[list[str]], n_left: int = 1) -> str:
+    """Header + rows (already escaped) as an HTML table; columns from `n_left` on are right-aligned."""
+
+    def line(cells: list[str], tag: str) -> str:
+        return (
+            "<tr>"
+            + "".join(f"<{tag}{'' if i < n_left else ' class=num'}>{c}</{tag}>" for i, c in enumerate(cells))
+            + "</tr>"
+        )
+
+    body = "\n".join(line(r, "td") for r in rows[1:])
+    return f"<table>\n<thead>{line(rows[0], 'th')}</thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
 def render_csv(table: pd.DataFrame) -> str:
     """The table's raw numbers (every column, full precision) for scripts and spreadsheets."""
     return table.to_csv(index=False)
@@ -324,13 +347,13 @@ def search_report(study: SweepStudy, runs: pd.DataFrame, metric: str, fmt: str, 
     else:
         note = lambda text: text  # noqa: E731
     n_done = int((runs["state"] == "complete").sum())
-    sections = [note(f"top {len(top)} of {n_done} complete trials by {metric}"), _plain_table(top, fmt)]
+    sections = [note(f"top {len(top)} of {n_done} complete trials by {metric}"), plain_table(top, fmt)]
     imp = param_importances(study)
     if imp is None:
         sections.append(note("parameter importances: need at least 2 complete trials"))
     else:
         ranked = pd.DataFrame(sorted(imp[0].items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
-        sections += [note(f"parameter importances ({imp[1]})"), _plain_table(ranked, fmt)]
+        sections += [note(f"parameter importances ({imp[1]})"), plain_table(ranked, fmt)]
     if len(top):
         name, text = rerun_sweep(study.spec, top)
         how = f"re-run the top {len(top)} with fresh seeds: save as sweeps/{name}.yaml; ablate sweep {name}"
@@ -338,11 +361,14 @@ def search_report(study: SweepStudy, runs: pd.DataFrame, metric: str, fmt: str, 
     return "\n\n".join(sections)
 
 
-def _plain_table(frame: pd.DataFrame, fmt: str) -> str:
-    """A small table without statistics (top trials, importances) in markdown or LaTeX booktabs."""
+def plain_table(frame: pd.DataFrame, fmt: str) -> str:
+    """A small table without statistics (top trials, importances, failures) in markdown, LaTeX
+    booktabs or HTML."""
     rows = [list(map(str, frame.columns))] + [
         [_number(v, 4) for v in r] for r in frame.itertuples(index=False)
     ]
+    if fmt == "html":
+        return html_table([[html.escape(c) for c in r] for r in rows], n_left=len(rows[0]))
     if fmt == "latex":
         return "\n".join(_booktabs([[latex_escape(c) for c in r] for r in rows], "l" * len(rows[0])))
     return _markdown(rows, [False] * len(rows[0]))
