@@ -85,7 +85,12 @@ def question(spec_path: str, sweep_dir: Path) -> list[Block]:
     path = Path(spec_path)
     if path.is_file():
         return [Text(f"sweep file {path}:"), Code(path.read_text())]
-    saved = yaml.safe_dump(yaml.safe_load((sweep_dir / "sweep.json").read_text()), sort_keys=False)
+    saved = yaml.safe_dump(
+        yaml.safe_load((sweep_dir / "sweep.json").read_text()),
+        sort_keys=False,
+        default_flow_style=None,
+        width=100,
+    )
     return [Text(f"{spec_path} is not here; the sweep as saved in {sweep_dir / 'sweep.json'}:"), Code(saved)]
 
 
