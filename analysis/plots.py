@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.stats import Ranking, bootstrap_ci, group_label
+from analysis.stats import MIN_BOOTSTRAP_N, Ranking, group_label, mean_ci
 from core.train.plots import _save as save_figure
 
 
@@ -56,7 +56,8 @@ def ablation_bars(table: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
 def learning_curves(
     runs: pd.DataFrame, history: pd.DataFrame, by: list[str], metric: str, path: Path
 ) -> Path:
-    """`metric` per epoch, mean over the complete runs of each group and its 95% bootstrap CI band.
+    """`metric` per epoch, mean over the complete runs of each group and its 95% CI band (bootstrap; a
+    t-interval below MIN_BOOTSTRAP_N runs, see stats.mean_ci).
 
     A group's curve stops at its shortest run, so that every point averages the same runs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -70,9 +71,13 @@ def learning_curves(
         values = values[:, :length]
         epochs = curves.columns.to_numpy()[:length] + 1
         line = ax.plot(epochs, values.mean(axis=0), label=f"{group_label(key, by)} (n={len(values)})")
-        low, high = bootstrap_ci(values)
+        low, high = mean_ci(values)
         ax.fill_between(epochs, low, high, color=line[0].get_color(), alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric}: mean over seeds, 95% bootstrap CI")
+    ax.set(
+        xlabel="epoch",
+        ylabel=metric,
+        title=f"{metric}: mean over seeds, 95% CI (t below {MIN_BOOTSTRAP_N} runs)",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -98,13 +98,21 @@ def stratified_bootstrap_ci(
     return float(low), float(high)
 
 
-def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """mean -+ t_{(1+c)/2, n-1} sem: the exact CI of the mean of normal runs; NaN for n < 2."""
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """mean -+ t_{(1+c)/2, n-1} sem over axis 0 of `values` (n, ...): the exact CI of the mean of normal
+    runs; NaN for n < 2."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
-        return math.nan, math.nan
-    h = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean() - h), float(x.mean() + h)
+        nan = np.full(x.shape[1:], np.nan)
+        return nan, nan.copy()
+    h = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1, axis=0) / np.sqrt(len(x))
+    return x.mean(axis=0) - h, x.mean(axis=0) + h
+
+
+def mean_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% CI of the mean over axis 0 by the small-n rule: the bootstrap from MIN_BOOTSTRAP_N runs on,
+    a t-interval below (learning-curve bands)."""
+    return (bootstrap_ci if len(values) >= MIN_BOOTSTRAP_N else t_interval)(values)
 
 
 def interval(tasks: Sequence[np.ndarray], stat: str = "mean") -> tuple[float, float, str]:
@@ -114,7 +122,8 @@ def interval(tasks: Sequence[np.ndarray], stat: str = "mean") -> tuple[float, fl
     if len(x) >= MIN_BOOTSTRAP_N:
         return (*stratified_bootstrap_ci(tasks, stat), "bootstrap")
     if stat == "mean" and len(x) >= 2:
-        return (*t_interval(x), "t")
+        low, high = t_interval(x)
+        return float(low), float(high), "t"
     return math.nan, math.nan, "none"
 
 

@@ -13,8 +13,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from optuna.trial import TrialState
 
 from launchers.dashboard import MISSING, masking, read_only, storage_secrets, tunnel_line
+from launchers.sweeps.study import SweepStudy
 from tests.browser import dump_dom
 from tests.test_analysis import FAILED, build_grid_sweep
 
@@ -151,3 +153,26 @@ def test_a_taken_port_is_a_usage_error(server, capsys):
         == 2
     )
     assert "choose another --port" in capsys.readouterr().err and time.time() - started < 60
+
+
+def test_dashboard_app_reads_a_sqlite_sweep(tmp_path):
+    """The same app on the SQLite storage (BEGIN IMMEDIATE engine), called as WSGI without a server."""
+    from wsgiref.util import setup_testing_defaults
+
+    from launchers.dashboard import dashboard_app
+    from tests.test_analysis import spec_of
+
+    study = SweepStudy.create(spec_of("lite", seeds=(0, 1), storage="sqlite"), tmp_path)
+    claim = study.claim("w1")
+    study.finish(claim, TrialState.FAIL, reason="ValueError: bad batch")
+    environ = {"PATH_INFO": f"/api/studies/{study.study_id}", "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status = {}
+    body = b"".join(dashboard_app(study)(environ, lambda s, h, e=None: status.update(s=s)))
+    assert status["s"].startswith("200")
+    trials = json.loads(body)["trials"]
+    assert len(trials) == study.spec.budget == 8
+    failed = next(t for t in trials if t["state"] == "Fail")
+    attrs = {a["key"]: a["value"] for a in failed["user_attrs"]}
+    assert attrs["fail_reason"] == "ValueError: bad batch" and attrs["label"] == "method=none"
+    assert attrs["run_dir"] == str(claim.run_dir) and attrs["seed"] == "0"

@@ -20,6 +20,7 @@ from analysis.stats import (
     holm,
     improvement_ci,
     improvement_over,
+    mean_ci,
     probability_of_improvement,
     rank_groups,
     statistic,
@@ -267,3 +268,13 @@ def test_gpu_hours_of_a_data_parallel_slurm_worker_count_every_task(tmp_path):
     row = load_runs("ddp", tmp_path).iloc[0]
     assert row["gpus"] == 8.0  # 2 GPUs per task x 4 tasks on the worker's node
     assert row["gpu_hours"] == pytest.approx(4.0)  # 8 GPUs x 0.5 h
+
+
+def test_learning_curve_bands_follow_the_small_n_rule():
+    curves = np.array([[1.0, 0.8, 0.7], [1.2, 0.9, 0.6]])  # (runs, epochs)
+    low, high = mean_ci(curves)
+    ref = stats.t.interval(0.95, 1, loc=curves.mean(axis=0), scale=stats.sem(curves, axis=0))
+    np.testing.assert_allclose(low, ref[0])
+    np.testing.assert_allclose(high, ref[1])
+    many = np.vstack([curves] * 3)
+    np.testing.assert_array_equal(np.stack(mean_ci(many)), np.stack(bootstrap_ci(many)))
