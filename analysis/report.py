@@ -25,7 +25,15 @@ from analysis import plots
 from analysis.commands import _axes, _headline, pair_on, resolve_metric, sweep_plots
 from analysis.records import open_sweep, run_environment, sweep_runs
 from analysis.stats import STATS, group_label, rank_groups
-from analysis.tables import ablation_table, plain_table, render_html, render_markdown, search_report
+from analysis.tables import (
+    ablation_table,
+    param_importances,
+    plain_table,
+    render_html,
+    render_markdown,
+    rerun_sweep,
+    top_trials,
+)
 from core.atomic import atomic_write_bytes, atomic_write_text
 
 FORMATS = ("html", "md")
@@ -109,6 +117,25 @@ def ablation_sections(study, runs: pd.DataFrame, column: str, stat: str) -> list
         blocks += [Text(f"by {', '.join(by)} (baseline: {base})"), _stat_table(table)]
         if len(by) == 1 and len(axes) > 1 and runs[by[0]].nunique() >= 3:  # 2 groups: the table's test
             blocks += ranking_blocks(study, runs, by, column)
+    return blocks
+
+
+def search_sections(study, runs: pd.DataFrame, column: str) -> list[Block]:
+    """A search sweep: its best trials, the parameter importances and the sweep that re-runs the best
+    with fresh seeds (what `ablate table` prints for it)."""
+    top = top_trials(study, runs, column)
+    n_done = int((runs["state"] == "complete").sum())
+    blocks: list[Block] = [Text(f"top {len(top)} of {n_done} complete trials by {column}"), _frame_table(top)]
+    imp = param_importances(study)
+    if imp is not None:
+        ranked = pd.DataFrame(sorted(imp[0].items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
+        blocks += [Text(f"parameter importances ({imp[1]})"), _frame_table(ranked)]
+    if len(top):
+        name, text = rerun_sweep(study.spec, top)
+        blocks += [
+            Text(f"re-run the top {len(top)} with fresh seeds: save as sweeps/{name}.yaml"),
+            Code(text),
+        ]
     return blocks
 
 
@@ -247,7 +274,7 @@ def build(target: str, root: Path, stat: str = "mean") -> tuple[str, list[tuple[
     if spec.mode == "grid":
         sections.append((f"Results: {column}", ablation_sections(study, runs, column, stat)))
     else:
-        sections.append((f"Results: {column}", [Code(search_report(study, runs, column, "markdown"))]))
+        sections.append((f"Results: {column}", search_sections(study, runs, column)))
     figures = [Figure(p, p.stem.replace("_", " ")) for p in sweep_plots(study)]
     sections.append(("Plots and learning curves", figures or [Text("no complete trial yet")]))
     sections.append(("Failures", failures(runs, label)))

@@ -127,3 +127,14 @@ def test_a_two_axis_sweep_is_ranked_with_a_critical_difference_diagram(tmp_path)
     assert "by method (baseline: p)" in text and "stratified within each task task" in text
     shutil.rmtree(tmp_path / "sweeps" / "multi" / "plots")  # figures are redrawn on demand
     assert report_command("multi", tmp_path, "md").is_file()
+
+
+def test_a_search_sweeps_report_lists_its_best_trials_importances_and_a_rerun(tmp_path):
+    from tests.test_analysis import build_search_sweep
+
+    build_search_sweep(tmp_path, n_complete=6)
+    text = report_command("srch", tmp_path, "md").read_text()
+    assert "top 5 of 6 complete trials by final/val/ogpe_action" in text
+    assert "parameter importances (" in text and "save as sweeps/srch_top5.yaml" in text
+    assert text.count("```") == 4  # the sweep file and the re-run sweep, each fenced once
+    assert "optimisation history" in text
