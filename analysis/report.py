@@ -23,7 +23,7 @@ import yaml
 
 from analysis import plots
 from analysis.commands import _axes, _headline, pair_on, resolve_metric, sweep_plots
-from analysis.records import open_sweep, run_environment, sweep_runs
+from analysis.records import load_history, open_sweep, run_environment, sweep_runs
 from analysis.stats import STATS, group_label, rank_groups
 from analysis.tables import (
     ablation_table,
@@ -37,6 +37,8 @@ from analysis.tables import (
 from core.atomic import atomic_write_bytes, atomic_write_text
 
 FORMATS = ("html", "md")
+MAX_BARS = 12  # more groups than this: bars per axis only (48 bars are unreadable and a 700 kB PNG)
+MAX_CURVES = 8
 MAX_TRIALS_LISTED = 500  # a table of every trial beyond this is not read; the CSV of `ablate table` is
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
@@ -161,6 +163,37 @@ def ranking_blocks(study, runs: pd.DataFrame, by: Sequence[str], column: str) ->
     return [Text(text), _frame_table(ranking.ranks), Figure(path, f"critical-difference diagram of {by[0]}")]
 
 
+def search_figures(study) -> list[Block]:
+    return [Figure(p, p.stem.replace("_", " ")) for p in sweep_plots(study)]
+
+
+def report_figures(study, runs: pd.DataFrame, column: str) -> list[Block]:
+    """Bars of the objective per group of all axes (up to MAX_BARS groups) and per axis, and the
+    learning curves of the objective (or of its val/ counterpart when only the final evaluation
+    has it), grouped by the first axis when there are more than MAX_CURVES groups. `ablate plot` draws
+    every test metric; a report keeps to what a reader can take in."""
+    spec = study.spec
+    if not (runs["state"] == "complete").any():
+        return []
+    axes = _axes(spec)
+    out = study.sweep_dir / "report" / "figures"
+    figures: list[Block] = []
+    groupings = ([axes] if runs.groupby(axes).ngroups <= MAX_BARS else []) + (
+        [[a] for a in axes] if len(axes) > 1 else []
+    )
+    for by in groupings:
+        table = ablation_table(runs, by, column, spec.direction, pair_on=pair_on(spec, runs, by))
+        path = plots.ablation_bars(table, runs, out / f"bars_{plots.slug('_'.join(by))}.png")
+        figures.append(Figure(path, f"{column} by {', '.join(by)}: mean and 95% CI, every run a dot"))
+    history = load_history(runs=runs)
+    name = spec.metric if (history["metric"] == spec.metric).any() else "val/" + spec.metric.split("/", 1)[-1]
+    if (history["metric"] == name).any():
+        by = axes if runs.groupby(axes).ngroups <= MAX_CURVES else axes[:1]
+        path = plots.learning_curves(runs, history, by, name, out / f"curves_{plots.slug(name)}.png")
+        figures.append(Figure(path, f"learning curves of {name} by {', '.join(by)}"))
+    return figures
+
+
 def failures(runs: pd.DataFrame, label: list[str]) -> list[Block]:
     failed = runs[runs["state"] == "failed"]
     if failed.empty:
@@ -275,7 +308,7 @@ def build(target: str, root: Path, stat: str = "mean") -> tuple[str, list[tuple[
         sections.append((f"Results: {column}", ablation_sections(study, runs, column, stat)))
     else:
         sections.append((f"Results: {column}", search_sections(study, runs, column)))
-    figures = [Figure(p, p.stem.replace("_", " ")) for p in sweep_plots(study)]
+    figures = report_figures(study, runs, column) if spec.mode == "grid" else search_figures(study)
     sections.append(("Plots and learning curves", figures or [Text("no complete trial yet")]))
     sections.append(("Failures", failures(runs, label)))
     sections.append(("Trials", trials_section(study, runs, label)))

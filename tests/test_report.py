@@ -50,8 +50,8 @@ def test_html_report_is_one_self_contained_file(demo):
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", text)  # nothing loaded from anywhere
     assert "<script" not in text and "http://" not in text and "https://" not in text
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
-    plots = sorted((root / "sweeps" / "demo" / "plots").glob("*.png"))
-    assert len(images) == len(plots) == 3  # bars of the objective and the test metric, learning curves
+    figures = sorted((root / "sweeps" / "demo" / "report" / "figures").glob("*.png"))
+    assert len(images) == len(figures) == 2  # bars of the objective per method, learning curves
     for data in images:
         pixels = _png(base64.b64decode(data))
         assert pixels.shape[0] > 200 and pixels.std() > 5  # a real figure, not an empty canvas
@@ -80,7 +80,7 @@ def test_chromium_renders_the_report_offline_with_its_table_and_every_plot(demo,
     dom, errors = dump_dom(probe.as_uri(), tmp_path, budget_ms=5000, offline=True)
     assert errors == []
     flags = re.search(r'data-images="([^"]*)"', dom).group(1).split(",")
-    assert flags == ["true"] * 3
+    assert flags == ["true"] * 2
     assert dom.count("<table") >= 4 and "(baseline)" in dom
     shot = tmp_path / "shot.png"
     assert screenshot(path.as_uri(), shot, offline=True) == []  # the report itself, untouched
@@ -94,7 +94,7 @@ def test_markdown_report_has_its_pngs_beside_it(demo, tmp_path):
     path = report_command("demo", root, "md", str(out), "iqm")
     text = path.read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(linked) == 3 and all((out.parent / name).is_file() for name in linked)
+    assert len(linked) == 2 and all((out.parent / name).is_file() for name in linked)
     assert "(IQM ± 95% CI)" in text and "| c " in text
 
 
@@ -123,9 +123,10 @@ def test_a_two_axis_sweep_is_ranked_with_a_critical_difference_diagram(tmp_path)
     text = path.read_text()
     assert "ranking of method by final/val/ogpe_action over 8 blocks" in text
     assert "critical-difference diagram of method" in text and "ranking of task" not in text  # 2 tasks
-    assert len(re.findall(r'<img src="data:image/png', text)) == 4  # 2 bars, curves, the diagram
+    # bars by (method, task), by method and by task; learning curves; the diagram
+    assert len(re.findall(r'<img src="data:image/png', text)) == 5
     assert "by method (baseline: p)" in text and "stratified within each task task" in text
-    shutil.rmtree(tmp_path / "sweeps" / "multi" / "plots")  # figures are redrawn on demand
+    shutil.rmtree(tmp_path / "sweeps" / "multi" / "report")  # figures are redrawn on demand
     assert report_command("multi", tmp_path, "md").is_file()
 
 
