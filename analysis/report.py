@@ -152,7 +152,7 @@ def ranking_blocks(study, runs: pd.DataFrame, by: Sequence[str], column: str) ->
         return [Text(f"no ranking of {', '.join(by)}: {exc}")]
     slug = plots.slug(f"ranking_{'_'.join(by)}_{column}")
     path = plots.ranking_plot(
-        ranking, f"{', '.join(by)}: {column}", study.sweep_dir / "plots" / f"{slug}.png"
+        ranking, f"{', '.join(by)}: {column}", study.sweep_dir / "report" / "figures" / f"{slug}.png"
     )
     cliques = "; ".join(" ~ ".join(c) for c in ranking.cliques) or "none"
     text = (
