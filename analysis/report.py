@@ -111,8 +111,10 @@ def ablation_sections(study, runs: pd.DataFrame, column: str, stat: str) -> list
     axes = _axes(spec)
     blocks: list[Block] = []
     groupings = [axes] + ([[a] for a in axes] if len(axes) > 1 else [])
+    done = runs[(runs["state"] == "complete") & runs[column].notna()]
     for by in groupings:
-        base = group_label(next(runs[by].itertuples(index=False, name=None)), by) if len(runs) else None
+        # the first group that has a result (the sweep file's first value, unless it has none yet)
+        base = group_label(next(done[by].itertuples(index=False, name=None)), by) if len(done) else None
         table = ablation_table(
             runs, by, column, spec.direction, base, pair_on=pair_on(spec, runs, by), stat=stat
         )

@@ -139,3 +139,17 @@ def test_a_search_sweeps_report_lists_its_best_trials_importances_and_a_rerun(tm
     assert "parameter importances (" in text and "save as sweeps/srch_top5.yaml" in text
     assert text.count("```") == 4  # the sweep file and the re-run sweep, each fenced once
     assert "optimisation history" in text
+
+
+def test_a_sweep_whose_first_group_has_no_result_yet_is_reported_against_the_first_that_has(tmp_path):
+    study = SweepStudy.create(spec_of("firstless", seeds=(0, 1)), tmp_path)
+    while (claim := study.claim("w")) is not None:
+        if claim.params["method"] == "none":  # the sweep file's first value: every run failed
+            study.finish(claim, TrialState.FAIL, reason="RuntimeError: out of memory")
+            continue
+        write_run(claim.run_dir, 0.3 + 0.01 * claim.number, claim.seed)
+        study.finish(claim, TrialState.COMPLETE, 0.3)
+    text = report_command("firstless", tmp_path, "md").read_text()
+    assert "by method (baseline: a)" in text and "P(better than a)" in text
+    assert text.count("RuntimeError: out of memory") == 2
+    assert "‡: fewer than 5 runs: a Student-t interval" in text  # 2 seeds per group
