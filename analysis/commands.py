@@ -44,7 +44,8 @@ def resolve_metric(runs: pd.DataFrame, metric: str | None, spec: SweepSpec) -> s
     raise ValueError(f"unknown metric {metric!r} in sweep {spec.name}; available: {', '.join(available)}")
 
 
-def _axes(spec: SweepSpec) -> list[str]:
+def sweep_axes(spec: SweepSpec) -> list[str]:
+    """The grid axes of a grid sweep, the searched config paths of a search sweep."""
     return [axis for axis, _ in spec.grid] if spec.mode == "grid" else [p.path for p in spec.params]
 
 
@@ -54,7 +55,7 @@ def _check_by(runs: pd.DataFrame, by: Sequence[str], spec: SweepSpec) -> list[st
         what = "grid axes" if spec.mode == "grid" else "search params"
         raise ValueError(
             f"unknown axis {', '.join(map(repr, unknown))} in sweep {spec.name}; its {what}: "
-            f"{', '.join(_axes(spec))} (or any cfg.<path> column)"
+            f"{', '.join(sweep_axes(spec))} (or any cfg.<path> column)"
         )
     return list(by)
 
@@ -63,12 +64,13 @@ def pair_on(spec: SweepSpec, runs: pd.DataFrame, groups: Sequence[str]) -> list[
     """What pairs runs across groups: the seed and the grid axes left out of `groups`, which block the
     pairs (and are the tasks of the stratified bootstrap) instead of being averaged away."""
     left_out = (
-        [a for a in _axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+        [a for a in sweep_axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
     )
     return ["seed", *left_out]
 
 
-def _headline(spec: SweepSpec, runs: pd.DataFrame, metric: str) -> str:
+def headline(spec: SweepSpec, runs: pd.DataFrame, metric: str) -> str:
+    """One line: the sweep, its mode, metric and direction, and its trials per state."""
     counts = Counter(runs["state"])
     states = ", ".join(f"{s} {counts.get(s, 0)}" for s in STATES)
     return f"sweep {spec.name} ({spec.mode}, {metric}, {spec.direction}): {len(runs)} trials: {states}"
@@ -101,7 +103,7 @@ def table_command(
     if spec.mode == "search" and not by:
         body = search_report(study, runs, column, fmt)
     else:
-        groups = _check_by(runs, by or _axes(spec), spec)
+        groups = _check_by(runs, by or sweep_axes(spec), spec)
         table = ablation_table(
             runs,
             groups,
@@ -113,10 +115,9 @@ def table_command(
             stat=stat,
         )
         body = render(table, fmt)
-    headline = _headline(spec, runs, column)
     if fmt == "csv":
         return body
-    return f"{'% ' if fmt == 'latex' else ''}{headline}\n\n{body}"
+    return f"{'% ' if fmt == 'latex' else ''}{headline(spec, runs, column)}\n\n{body}"
 
 
 def sweep_plots(study: SweepStudy) -> list[Path]:
@@ -135,7 +136,7 @@ def sweep_plots(study: SweepStudy) -> list[Path]:
         if imp is not None:
             paths.append(plots.importance_bars(*imp, out / "param_importances.png"))
         return paths
-    axes = _axes(spec)
+    axes = sweep_axes(spec)
     metrics = [f"final/{spec.metric}", *sorted(c for c in runs.columns if c.startswith("test/"))]
     paths = []
     for metric in (m for m in metrics if m in runs.columns):

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from analysis import plots
-from analysis.commands import _axes, _headline, pair_on, resolve_metric, sweep_plots
+from analysis.commands import headline, pair_on, resolve_metric, sweep_axes, sweep_plots
 from analysis.records import load_history, open_sweep, run_environment, sweep_runs
 from analysis.stats import STATS, group_label, rank_groups
 from analysis.tables import (
@@ -108,7 +108,7 @@ def ablation_sections(study, runs: pd.DataFrame, column: str, stat: str) -> list
     """The ablation table over all axes, then per axis (the others block the pairs and are the
     bootstrap's tasks) with the first value as baseline, and the ranking of an axis over the others."""
     spec = study.spec
-    axes = _axes(spec)
+    axes = sweep_axes(spec)
     blocks: list[Block] = []
     groupings = [axes] + ([[a] for a in axes] if len(axes) > 1 else [])
     done = runs[(runs["state"] == "complete") & runs[column].notna()]
@@ -177,7 +177,7 @@ def report_figures(study, runs: pd.DataFrame, column: str) -> list[Block]:
     spec = study.spec
     if not (runs["state"] == "complete").any():
         return []
-    axes = _axes(spec)
+    axes = sweep_axes(spec)
     out = study.sweep_dir / "report" / "figures"
     figures: list[Block] = []
     groupings = ([axes] if runs.groupby(axes).ngroups <= MAX_BARS else []) + (
@@ -304,7 +304,7 @@ def build(target: str, root: Path, stat: str = "mean") -> tuple[str, list[tuple[
     column = resolve_metric(runs, None, spec)
     if column not in runs.columns:
         runs = runs.assign(**{column: np.nan})
-    label = [a for a in _axes(spec) if a in runs.columns]
+    label = [a for a in sweep_axes(spec) if a in runs.columns]
     sections: list[tuple[str, list[Block]]] = [("Question", question(spec.path, study.sweep_dir))]
     if spec.mode == "grid":
         sections.append((f"Results: {column}", ablation_sections(study, runs, column, stat)))
@@ -316,7 +316,7 @@ def build(target: str, root: Path, stat: str = "mean") -> tuple[str, list[tuple[
     sections.append(("Trials", trials_section(study, runs, label)))
     sections.append(("Wall time and GPU-hours", resources_section(runs)))
     sections.append(("Code and versions", environment_section(runs)))
-    return _headline(spec, runs, column), sections, study.sweep_dir
+    return headline(spec, runs, column), sections, study.sweep_dir
 
 
 # --------------------------------------------------------------------------------------- rendering
