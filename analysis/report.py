@@ -157,6 +157,8 @@ def ranking_blocks(study, runs: pd.DataFrame, by: Sequence[str], column: str) ->
         ranking, f"{', '.join(by)}: {column}", study.sweep_dir / "report" / "figures" / f"{slug}.png"
     )
     cliques = "; ".join(" ~ ".join(c) for c in ranking.cliques) or "none"
+    if ranking.left_out:
+        cliques += f" (not ranked, missing from most blocks: {', '.join(ranking.left_out)})"
     text = (
         f"ranking of {', '.join(by)} by {column} over {ranking.n_blocks} blocks (seed x other axes): "
         f"Friedman chi2 = {ranking.friedman_statistic:.3g}, p = {ranking.friedman_p:.3g}; groups not "

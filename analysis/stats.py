@@ -412,6 +412,7 @@ class Ranking:
     pairwise: pd.DataFrame  # a, b, p, p_holm
     cliques: list[list[str]]
     alpha: float
+    left_out: list[str]  # groups without a value in more than half of the blocks (not ranked)
 
 
 def rank_groups(
@@ -424,7 +425,8 @@ def rank_groups(
 ) -> Ranking:
     """Rank the groups of `by` within each block - a pairing cell of `pair_on` (seed and the axes left
     out) of one of `metrics`, all taken in `direction` - and test the ranks. Blocks where a group has no
-    value are dropped. ValueError below 3 groups or 2 complete blocks (Friedman's minimum)."""
+    value are dropped, after leaving out groups missing from more than half of them (`left_out`: a
+    sweep still running). ValueError below 3 groups or 2 complete blocks (Friedman's minimum)."""
     by = _as_list(by)
     blocks, keys = [], None
     for metric in metrics:
@@ -437,8 +439,12 @@ def rank_groups(
             )
         blocks.append(matrix.T)  # (P, G)
     scores = np.concatenate(blocks) if blocks else np.empty((0, 0))
-    scores = scores[~np.isnan(scores).any(axis=1)]  # (B, G) complete blocks
     labels = [group_label(k, by) for k in keys or []]
+    # a group of a sweep still running may have a few cells only: ranking it would drop most blocks
+    sparse = np.isnan(scores).mean(axis=0) > 0.5 if scores.size else np.zeros(len(labels), bool)
+    left_out = [label for label, s in zip(labels, sparse, strict=True) if s]
+    scores, labels = scores[:, ~sparse], [label for label, s in zip(labels, sparse, strict=True) if not s]
+    scores = scores[~np.isnan(scores).any(axis=1)]  # (B, G) complete blocks
     if len(labels) < 3 or len(scores) < 2:
         raise ValueError(
             f"a ranking needs >= 3 groups and >= 2 blocks where all have a value; got {len(labels)} "
@@ -471,4 +477,5 @@ def rank_groups(
         ),
         cliques=[[labels[order[c]] for c in range(a, b + 1)] for a, b in spans],
         alpha=alpha,
+        left_out=left_out,
     )

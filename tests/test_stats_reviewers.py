@@ -251,6 +251,11 @@ def test_ranking_over_several_metrics_and_its_guards():
     assert ranking.ranks.set_index("group")["mean_rank"].to_dict() == {"q": 2.0, "p": 2.0, "r": 2.0}
     with pytest.raises(ValueError, match=">= 3 groups"):
         rank_groups(df[df["m"] != "r"], "m", ["x"])
+    # a sweep still running: s has 1 of 3 seeds, so it is left out instead of dropping 2 of 3 blocks
+    running = pd.concat([df, pd.DataFrame([{"m": "s", "seed": 0, "x": 9, "y": 9}])])
+    partial = rank_groups(running, "m", ["x"])
+    assert partial.left_out == ["s"] and partial.n_blocks == 3 and ranking.left_out == []
+    assert partial.ranks["group"].tolist() == ["p", "q", "r"]
 
 
 # ---------------------------------------------------------------------------------------- GPUs
