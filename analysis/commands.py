@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.records import STATES, load_history, open_sweep, read_metrics, sweep_dir_of, sweep_runs
-from analysis.stats import TESTS
+from analysis.stats import STATS, TESTS
 from analysis.tables import FORMATS, ablation_table, param_importances, render, search_report
 from core.train.plots import plot_dual_losses
 from sweepstate.spec import SweepSpec
@@ -44,7 +44,8 @@ def resolve_metric(runs: pd.DataFrame, metric: str | None, spec: SweepSpec) -> s
     raise ValueError(f"unknown metric {metric!r} in sweep {spec.name}; available: {', '.join(available)}")
 
 
-def _axes(spec: SweepSpec) -> list[str]:
+def sweep_axes(spec: SweepSpec) -> list[str]:
+    """The grid axes of a grid sweep, the searched config paths of a search sweep."""
     return [axis for axis, _ in spec.grid] if spec.mode == "grid" else [p.path for p in spec.params]
 
 
@@ -54,12 +55,22 @@ def _check_by(runs: pd.DataFrame, by: Sequence[str], spec: SweepSpec) -> list[st
         what = "grid axes" if spec.mode == "grid" else "search params"
         raise ValueError(
             f"unknown axis {', '.join(map(repr, unknown))} in sweep {spec.name}; its {what}: "
-            f"{', '.join(_axes(spec))} (or any cfg.<path> column)"
+            f"{', '.join(sweep_axes(spec))} (or any cfg.<path> column)"
         )
     return list(by)
 
 
-def _headline(spec: SweepSpec, runs: pd.DataFrame, metric: str) -> str:
+def pair_on(spec: SweepSpec, runs: pd.DataFrame, groups: Sequence[str]) -> list[str]:
+    """What pairs runs across groups: the seed and the grid axes left out of `groups`, which block the
+    pairs (and are the tasks of the stratified bootstrap) instead of being averaged away."""
+    left_out = (
+        [a for a in sweep_axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+    )
+    return ["seed", *left_out]
+
+
+def headline(spec: SweepSpec, runs: pd.DataFrame, metric: str) -> str:
+    """One line: the sweep, its mode, metric and direction, and its trials per state."""
     counts = Counter(runs["state"])
     states = ", ".join(f"{s} {counts.get(s, 0)}" for s in STATES)
     return f"sweep {spec.name} ({spec.mode}, {metric}, {spec.direction}): {len(runs)} trials: {states}"
@@ -73,13 +84,17 @@ def table_command(
     fmt: str,
     baseline: str | None,
     test: str,
+    stat: str = "mean",
 ) -> str:
     """The text `ablate table` prints: an ablation table of a grid sweep (or of a search sweep grouped
-    `by` some params), or a search sweep's top trials, importances and re-run sweep. Writes nothing."""
+    `by` some params) of the `stat` (mean, median, iqm) over seeds, or a search sweep's top trials,
+    importances and re-run sweep. Writes nothing."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if test not in TESTS:
         raise ValueError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
+    if stat not in STATS:
+        raise ValueError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
     study = open_sweep(sweep, root)
     spec, runs = study.spec, sweep_runs(study)
     column = resolve_metric(runs, metric, spec)
@@ -88,19 +103,21 @@ def table_command(
     if spec.mode == "search" and not by:
         body = search_report(study, runs, column, fmt)
     else:
-        groups = _check_by(runs, by or _axes(spec), spec)
-        # grid axes left out of --by block the pairs (with the seed) instead of being averaged away
-        left_out = (
-            [a for a in _axes(spec) if a not in groups and a in runs.columns] if spec.mode == "grid" else []
+        groups = _check_by(runs, by or sweep_axes(spec), spec)
+        table = ablation_table(
+            runs,
+            groups,
+            column,
+            spec.direction,
+            baseline,
+            test,
+            pair_on=pair_on(spec, runs, groups),
+            stat=stat,
         )
-        pair_on = ["seed", *left_out]
-        body = render(
-            ablation_table(runs, groups, column, spec.direction, baseline, test, pair_on=pair_on), fmt
-        )
-    headline = _headline(spec, runs, column)
+        body = render(table, fmt)
     if fmt == "csv":
         return body
-    return f"{'% ' if fmt == 'latex' else ''}{headline}\n\n{body}"
+    return f"{'% ' if fmt == 'latex' else ''}{headline(spec, runs, column)}\n\n{body}"
 
 
 def sweep_plots(study: SweepStudy) -> list[Path]:
@@ -119,7 +136,7 @@ def sweep_plots(study: SweepStudy) -> list[Path]:
         if imp is not None:
             paths.append(plots.importance_bars(*imp, out / "param_importances.png"))
         return paths
-    axes = _axes(spec)
+    axes = sweep_axes(spec)
     metrics = [f"final/{spec.metric}", *sorted(c for c in runs.columns if c.startswith("test/"))]
     paths = []
     for metric in (m for m in metrics if m in runs.columns):

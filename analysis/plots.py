@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.stats import bootstrap_ci, group_label
+from analysis.stats import MIN_BOOTSTRAP_N, Ranking, group_label, mean_ci
 from core.train.plots import _save as save_figure
 
 
@@ -56,7 +56,8 @@ def ablation_bars(table: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
 def learning_curves(
     runs: pd.DataFrame, history: pd.DataFrame, by: list[str], metric: str, path: Path
 ) -> Path:
-    """`metric` per epoch, mean over the complete runs of each group and its 95% bootstrap CI band.
+    """`metric` per epoch, mean over the complete runs of each group and its 95% CI band (bootstrap; a
+    t-interval below MIN_BOOTSTRAP_N runs, see stats.mean_ci).
 
     A group's curve stops at its shortest run, so that every point averages the same runs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -70,9 +71,13 @@ def learning_curves(
         values = values[:, :length]
         epochs = curves.columns.to_numpy()[:length] + 1
         line = ax.plot(epochs, values.mean(axis=0), label=f"{group_label(key, by)} (n={len(values)})")
-        low, high = bootstrap_ci(values)
+        low, high = mean_ci(values)
         ax.fill_between(epochs, low, high, color=line[0].get_color(), alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric}: mean over seeds, 95% bootstrap CI")
+    ax.set(
+        xlabel="epoch",
+        ylabel=metric,
+        title=f"{metric}: mean over seeds, 95% CI (t below {MIN_BOOTSTRAP_N} runs)",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -106,5 +111,41 @@ def importance_bars(importances: dict[str, float], evaluator: str, path: Path) -
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue", alpha=0.8)
     ax.set(xlabel="importance", title=f"parameter importances ({evaluator})")
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def ranking_plot(ranking: Ranking, title: str, path: Path) -> Path:
+    """A critical-difference diagram (Demsar 2006): groups on an axis of mean rank (1 = best, left),
+    half labelled on each side; a thick bar joins groups of which no two differ (Wilcoxon, Holm)."""
+    groups, ranks = ranking.ranks["group"].tolist(), ranking.ranks["mean_rank"].to_numpy(float)
+    k = len(groups)
+    half = (k + 1) // 2
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.4 * half))
+    margin = max(1.5, 0.35 * k)  # room for the labels on both sides
+    ax.set_xlim(1 - margin, k + margin)
+    ax.set_ylim(-(half + 0.6), 1.2)
+    ax.axis("off")
+    ax.hlines(0, 1, k, color="black")
+    for r in range(1, k + 1):
+        ax.vlines(r, 0, 0.15, color="black")
+        ax.text(r, 0.3, str(r), ha="center", va="bottom")
+    for i, (group, rank) in enumerate(zip(groups, ranks, strict=True)):
+        left = i < half
+        level = -(i + 1) if left else -(k - i)
+        end = 0.7 if left else k + 0.3
+        ax.plot([rank, rank, end], [0, level, level], color="black", lw=1)
+        ax.text(end, level, f"{group} ({rank:.2f})", ha="right" if left else "left", va="center", fontsize=9)
+    index = {g: i for i, g in enumerate(groups)}
+    for j, clique in enumerate(ranking.cliques):
+        lo, hi = ranks[index[clique[0]]], ranks[index[clique[-1]]]
+        y = -0.3 - 0.6 * j / max(len(ranking.cliques), 1)  # all bars above the first label
+        ax.plot([lo - 0.03, hi + 0.03], [y, y], color="tab:red", lw=4, solid_capstyle="round")
+    p = ranking.friedman_p
+    ax.set_title(
+        f"{title}\nmean rank over {ranking.n_blocks} blocks; Friedman p = {p:.3g}; bars: no pair differs "
+        f"(Wilcoxon, Holm, alpha {ranking.alpha})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save_figure(fig, Path(path))

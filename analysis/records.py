@@ -132,6 +132,13 @@ def summary_columns(run_dir: Path, allocated_gpus: int | None = None) -> dict[st
     return record_columns(_read_json(run_dir / "summary.json"), cfg, allocated_gpus)
 
 
+def run_environment(run_dir: Path) -> dict[str, Any]:
+    """What a run recorded about its code and machine (summary.json `environment`: git commit, dirty,
+    python, host, package versions); empty before its summary exists."""
+    summary = Path(run_dir) / "summary.json"
+    return dict(_read_json(summary).get("environment") or {}) if summary.is_file() else {}
+
+
 def worker_launchers(sweep_dir: Path) -> dict[str, str]:
     """Worker name -> launcher (local | slurm) of every worker submitted for a sweep, from its jobs.json
     (written by launchers/sweeps/local.py `record_jobs`)."""
@@ -140,12 +147,15 @@ def worker_launchers(sweep_dir: Path) -> dict[str, str]:
 
 
 def allocated_gpus(spec: SweepSpec, launcher: str | None) -> int | None:
-    """GPUs SLURM gave one worker of the sweep (one task per array job: `gpus_per_task`), or None for a
-    local process. `launcher`: the worker's, None when unknown (the sweep's own launcher is assumed).
-    The resources are the sweep's current ones (sweep.json)."""
+    """GPUs SLURM gave one worker of the sweep, or None for a local process: `gpus_per_task` x
+    `tasks_per_node` (a worker is one array job on one node; with several tasks it trains each trial
+    data parallel over all of them, so all their GPUs are billed to the trial). `launcher`: the
+    worker's, None when unknown (the sweep's own launcher is assumed). The resources are the sweep's
+    current ones (sweep.json)."""
     if (launcher or spec.launcher.get("name", "local")) != "slurm":
         return None
-    return int((spec.launcher.get("slurm") or {}).get("gpus_per_task", 0))
+    slurm = spec.launcher.get("slurm") or {}
+    return int(slurm.get("gpus_per_task", 0)) * int(slurm.get("tasks_per_node", 1))
 
 
 def _plain_runs(path: Path) -> pd.DataFrame:

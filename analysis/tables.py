@@ -7,6 +7,7 @@ that is still running or had failures is correct about what it is based on.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from analysis.records import STATES
-from analysis.stats import ALPHA, aggregate, paired_tests
+from analysis.stats import ALPHA, MIN_BOOTSTRAP_N, aggregate, improvement_over, paired_tests
 from sweepstate.spec import SweepSpec
 from sweepstate.study import SweepStudy
 
@@ -27,6 +28,8 @@ FRESH_SEEDS = 6  # a two-sided Wilcoxon over n pairs cannot reach p < 0.05 below
 COUNT_COLUMNS = tuple(f"n_{state}" for state in STATES)
 ALWAYS_SHOWN = ("n_complete", "n_failed", "n_running")  # n_pruned, n_waiting: only when nonzero
 _MARK = {"tied": "†", "undetermined": "?"}
+SMALL_N = "‡"  # a row whose CI is not a bootstrap (fewer than MIN_BOOTSTRAP_N runs)
+STAT_NAMES = {"mean": "mean", "median": "median", "iqm": "IQM"}
 _PM = "\0"  # stands for ± until the format's own markup replaces it (no escaper touches NUL)
 
 
@@ -39,12 +42,15 @@ def ablation_table(
     test: str = "wilcoxon",
     alpha: float = ALPHA,
     pair_on: Sequence[str] = ("seed",),
+    stat: str = "mean",
 ) -> pd.DataFrame:
     """One row per group of `by` (first-appearance order): trial counts per state, statistics of
-    `metric` over the complete trials (`aggregate`), and the paired tests (`paired_tests`, pairing
-    runs on the `pair_on` columns).
+    `metric` over the complete trials (`aggregate`: `stat` and its CI, stratified over the tasks that
+    the `pair_on` columns other than the seed make), the paired tests (`paired_tests`, pairing runs on
+    the `pair_on` columns) and, with a baseline, the probability of improving on it (`improvement_over`).
 
-    The settings travel in `.attrs` (by, metric, direction, baseline, test, alpha) for the renderers."""
+    The settings travel in `.attrs` (by, metric, direction, baseline, test, alpha, stat) for the
+    renderers."""
     by = list(by)
     missing = [c for c in [*by, metric, "state", "seed"] if c not in runs.columns]
     if missing:
@@ -53,10 +59,15 @@ def ablation_table(
     counts = counts.reindex(columns=list(STATES), fill_value=0).set_axis(list(COUNT_COLUMNS), axis=1)
     counts = counts.reset_index()
     complete = runs[runs["state"] == "complete"]
-    table = counts.merge(aggregate(complete, by, metric), on=by, how="left")
+    tasks = [c for c in pair_on if c != "seed"]
+    table = counts.merge(aggregate(complete, by, metric, stat, tasks), on=by, how="left")
     table = table.merge(
-        paired_tests(complete, by, metric, baseline, test, direction, alpha, pair_on), on=by, how="left"
+        paired_tests(complete, by, metric, baseline, test, direction, alpha, pair_on, stat), on=by, how="left"
     )
+    if baseline is not None and complete[metric].notna().any():
+        table = table.merge(
+            improvement_over(complete, by, metric, baseline, direction, tasks), on=by, how="left"
+        )
     table["n"] = table["n"].fillna(0).astype(int)
     table[["best", "baseline"]] = table[["best", "baseline"]].fillna(False).astype(bool)
     table.attrs.update(
@@ -67,6 +78,7 @@ def ablation_table(
         test=test,
         alpha=alpha,
         pair_on=list(pair_on),
+        stat=stat,
     )
     return table
 
@@ -107,14 +119,19 @@ def _cells(
     """Header + rows of the human-readable table: text through `escape`, then the format's own markup
     (`bold` with {} for the best value, `mark` per vs_best verdict, `pm` for ±)."""
     a = table.attrs
-    by, metric = a["by"], a["metric"]
+    by, metric, stat = a["by"], a["metric"], a.get("stat", "mean")
     counts = [c for c in COUNT_COLUMNS if c in ALWAYS_SHOWN or table[c].sum() > 0]
-    header = [*by, f"{metric} (mean {_PM} 95% CI)", "std", *counts]
+    header = [*by, f"{metric} ({STAT_NAMES[stat]} {_PM} 95% CI)", "std", *counts]
+    improvement = a.get("baseline") is not None and "p_improve" in table
     if a.get("baseline") is not None:
         header += [f"delta vs {a['baseline']}", f"p ({a['test']}, Holm)"]
+    if improvement:
+        header.append(f"P(better than {a['baseline']})")
     rows = [[escape(c).replace(_PM, pm) for c in header]]
     for _, r in table.iterrows():
-        value = escape(format_mean_ci(r["mean"], r["ci_low"], r["ci_high"], _PM)).replace(_PM, pm)
+        value = escape(format_mean_ci(r[stat], r["ci_low"], r["ci_high"], _PM)).replace(_PM, pm)
+        if _small_n(r):
+            value += mark[SMALL_N]
         if r["best"]:
             value = bold.format(value)
         elif r["vs_best"] in mark:
@@ -122,19 +139,54 @@ def _cells(
         row = [escape(str(r[c])) for c in by] + [value, _number(r["std"])] + [str(int(r[c])) for c in counts]
         if a.get("baseline") is not None:
             row += ["(baseline)", "-"] if r["baseline"] else [_number(r["delta"]), _p(r["p_holm"])]
+        if improvement:
+            row.append("-" if r["baseline"] else _probability(r))
         rows.append(row)
     return rows
 
 
-def _legend(table: pd.DataFrame, dagger: str = "†") -> str:
+def _small_n(r: pd.Series) -> bool:
+    """A row with at least 2 runs whose CI is not a bootstrap (see stats.MIN_BOOTSTRAP_N)."""
+    return r["n"] >= 2 and r["ci"] != "bootstrap"
+
+
+def _probability(r: pd.Series) -> str:
+    """`p [low, high]` of the probability of improvement (the bare p without a CI)."""
+    if not math.isfinite(r["p_improve"]):
+        return "-"
+    if not math.isfinite(r["p_improve_low"]):
+        return f"{r['p_improve']:.2f}"
+    return f"{r['p_improve']:.2f} [{r['p_improve_low']:.2f}, {r['p_improve_high']:.2f}]"
+
+
+def _legend(table: pd.DataFrame, dagger: str = "†", ddagger: str = SMALL_N) -> str:
     a = table.attrs
+    stat = a.get("stat", "mean")
     blocks = [c for c in a.get("pair_on", ["seed"]) if c != "seed"]
     over = f"shared (seed, {', '.join(blocks)}) cells" if blocks else "shared seeds"
-    return (
-        f"bold: best mean ({a['direction']}); {dagger}: not significantly different from the best (paired "
-        f"{a['test']} over {over}, Holm-adjusted p >= {a['alpha']}); ?: fewer than 2 pairs shared "
-        "with the best. Statistics over complete trials only."
+    text = (
+        f"bold: best {STAT_NAMES[stat]} ({a['direction']}); {dagger}: not significantly different from the "
+        f"best (paired {a['test']} over {over}, Holm-adjusted p >= {a['alpha']}); ?: fewer than 2 pairs "
+        "shared with the best. Statistics over complete trials only."
     )
+    if stat == "iqm":
+        text += " IQM: interquartile mean (25% trimmed mean of all runs, Agarwal et al. 2021)."
+    if stat != "mean" or blocks:
+        within = f"within each {', '.join(blocks)} task" if blocks else "over runs"
+        text += f" CIs: percentile bootstrap stratified {within}."
+    if any(_small_n(r) for _, r in table.iterrows()):
+        instead = "a Student-t interval" if stat == "mean" else "no interval"
+        text += (
+            f" {ddagger}: fewer than {MIN_BOOTSTRAP_N} runs: {instead} instead of a bootstrap (a bootstrap "
+            "of so few runs is far too narrow)."
+        )
+    if a.get("baseline") is not None and "p_improve" in table:
+        text += (
+            f" P(better than {a['baseline']}): probability that a run of the row improves on a run of the "
+            "baseline, ties counted half, averaged over tasks (Agarwal et al. 2021), with its 95% stratified "
+            "bootstrap CI."
+        )
+    return text
 
 
 def _markdown(rows: list[list[str]], right: list[bool]) -> str:
@@ -164,11 +216,32 @@ def _booktabs(rows: list[list[str]], colspec: str) -> list[str]:
 
 def render_markdown(table: pd.DataFrame) -> str:
     """The table in markdown and its legend."""
-    rows = _cells(
-        table, lambda c: c.replace("|", "\\|"), "**{}**", {k: f" {v}" for k, v in _MARK.items()}, "±"
-    )
+    marks = {k: f" {v}" for k, v in _MARK.items()} | {SMALL_N: f" {SMALL_N}"}
+    rows = _cells(table, lambda c: c.replace("|", "\\|"), "**{}**", marks, "±")
     n_by = len(table.attrs["by"])
     return _markdown(rows, [i >= n_by for i in range(len(rows[0]))]) + "\n\n" + _legend(table)
+
+
+def render_html(table: pd.DataFrame) -> str:
+    """The table as an HTML <table> (numbers right-aligned) and its legend, for the report."""
+    marks = {k: f" {v}" for k, v in _MARK.items()} | {SMALL_N: f" {SMALL_N}"}
+    rows = _cells(table, html.escape, "<b>{}</b>", marks, "±")
+    n_by = len(table.attrs["by"])
+    return html_table(rows, n_by) + f'\n<p class="legend">{html.escape(_legend(table))}</p>'
+
+
+def html_table(rows: list[list[str]], n_left: int = 1) -> str:
+    """Header + rows (already escaped) as an HTML table; columns from `n_left` on are right-aligned."""
+
+    def line(cells: list[str], tag: str) -> str:
+        return (
+            "<tr>"
+            + "".join(f"<{tag}{'' if i < n_left else ' class=num'}>{c}</{tag}>" for i, c in enumerate(cells))
+            + "</tr>"
+        )
+
+    body = "\n".join(line(r, "td") for r in rows[1:])
+    return f"<table>\n<thead>{line(rows[0], 'th')}</thead>\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
 def render_csv(table: pd.DataFrame) -> str:
@@ -186,10 +259,11 @@ def latex_escape(text: str) -> str:
 
 def render_latex(table: pd.DataFrame, caption: str | None = None) -> str:
     r"""A booktabs tabular in a table float (needs \usepackage{booktabs}); the legend is the caption."""
-    marks = {"tied": r"$^\dagger$", "undetermined": "$^?$"}
+    marks = {"tied": r"$^\dagger$", "undetermined": "$^?$", SMALL_N: r"$^\ddagger$"}
     rows = _cells(table, latex_escape, r"\textbf{{{}}}", marks, r"$\pm$")
     n_by = len(table.attrs["by"])
-    caption = caption or latex_escape(_legend(table, dagger="DAGGER")).replace("DAGGER", r"$^\dagger$")
+    legend = latex_escape(_legend(table, dagger="DAGGER", ddagger="DDAGGER"))
+    caption = caption or legend.replace("DDAGGER", r"$^\ddagger$").replace("DAGGER", r"$^\dagger$")
     return "\n".join(
         [
             r"\begin{table}[t]",
@@ -273,13 +347,13 @@ def search_report(study: SweepStudy, runs: pd.DataFrame, metric: str, fmt: str, 
     else:
         note = lambda text: text  # noqa: E731
     n_done = int((runs["state"] == "complete").sum())
-    sections = [note(f"top {len(top)} of {n_done} complete trials by {metric}"), _plain_table(top, fmt)]
+    sections = [note(f"top {len(top)} of {n_done} complete trials by {metric}"), plain_table(top, fmt)]
     imp = param_importances(study)
     if imp is None:
         sections.append(note("parameter importances: need at least 2 complete trials"))
     else:
         ranked = pd.DataFrame(sorted(imp[0].items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
-        sections += [note(f"parameter importances ({imp[1]})"), _plain_table(ranked, fmt)]
+        sections += [note(f"parameter importances ({imp[1]})"), plain_table(ranked, fmt)]
     if len(top):
         name, text = rerun_sweep(study.spec, top)
         how = f"re-run the top {len(top)} with fresh seeds: save as sweeps/{name}.yaml; ablate sweep {name}"
@@ -287,11 +361,14 @@ def search_report(study: SweepStudy, runs: pd.DataFrame, metric: str, fmt: str, 
     return "\n\n".join(sections)
 
 
-def _plain_table(frame: pd.DataFrame, fmt: str) -> str:
-    """A small table without statistics (top trials, importances) in markdown or LaTeX booktabs."""
+def plain_table(frame: pd.DataFrame, fmt: str) -> str:
+    """A small table without statistics (top trials, importances, failures) in markdown, LaTeX
+    booktabs or HTML."""
     rows = [list(map(str, frame.columns))] + [
         [_number(v, 4) for v in r] for r in frame.itertuples(index=False)
     ]
+    if fmt == "html":
+        return html_table([[html.escape(c) for c in r] for r in rows], n_left=len(rows[0]))
     if fmt == "latex":
         return "\n".join(_booktabs([[latex_escape(c) for c in r] for r in rows], "l" * len(rows[0])))
     return _markdown(rows, [False] * len(rows[0]))

@@ -199,6 +199,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             {"md": "markdown"}.get(args.format, args.format),
             args.baseline,
             args.test,
+            args.stat,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -215,6 +216,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     for path in paths:
         print(path)
+    return EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from launchers.dashboard import DashboardError, serve
+
+    try:
+        serve(_open(args), args.host, args.port)
+    except DashboardError as exc:
+        raise UsageError(str(exc)) from exc
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import report_command
+
+    try:
+        path = report_command(args.sweep, results_root(args.root), args.format, args.out, args.stat)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(path)
     return EXIT_OK
 
 
@@ -296,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument(
         "--test", choices=["wilcoxon", "ttest"], default="wilcoxon", help="paired test over seeds"
     )
+    tb.add_argument(
+        "--stat",
+        choices=["mean", "median", "iqm"],
+        default="mean",
+        help="aggregate over seeds (iqm: rliable's)",
+    )
     tb.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     tb.set_defaults(func=cmd_table)
 
@@ -303,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("target", help="a sweep name or a run directory")
     pl.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     pl.set_defaults(func=cmd_plot)
+
+    db = sub.add_parser(
+        "dashboard", help="optuna-dashboard on a sweep's storage (read-only; ablate[dashboard])"
+    )
+    db.add_argument("sweep")
+    db.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    db.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free one)")
+    db.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    db.set_defaults(func=cmd_dashboard)
+
+    rp = sub.add_parser("report", help="one self-contained HTML (or markdown) report of a sweep")
+    rp.add_argument("sweep")
+    rp.add_argument("--format", choices=["html", "md"], default="html")
+    rp.add_argument("--out", help="file to write (default: <sweep dir>/report/report.html or .md)")
+    rp.add_argument("--stat", choices=["mean", "median", "iqm"], default="mean", help="aggregate over seeds")
+    rp.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
+    rp.set_defaults(func=cmd_report)
 
     sy = sub.add_parser("sync", help="upload offline wandb runs with `wandb sync` (from a host online)")
     sy.add_argument("target", nargs="?", help="a sweep, a run dir or a folder (default: the results root)")

@@ -112,9 +112,19 @@ def _check_same_sweep(spec: SweepSpec, old: dict[str, Any], sweep_dir: Path, che
     )
 
 
-def _queue(spec: SweepSpec) -> list[FrozenTrial]:
+def _shown(sweep_dir: Path, params: dict[str, Any], key: str) -> dict[str, str]:
+    """User attrs for people reading the study (optuna-dashboard's trial table): the trial's group
+    label (its axis labels or search values) and its run folder."""
+    return {
+        "label": ", ".join(f"{k}={v}" for k, v in params.items()),
+        "run_dir": str(sweep_dir / "trials" / key),
+    }
+
+
+def _queue(spec: SweepSpec, sweep_dir: Path) -> list[FrozenTrial]:
     """The WAITING trials of the whole budget, in slot order: a grid trial with its params (axis
-    labels and seed) already set, a search trial with its slot and seed (the sampler fills it)."""
+    labels and seed) and what a reader needs already set, a search trial with its slot and seed (the
+    sampler fills it)."""
     if spec.mode == "search":
         return [
             _waiting({}, {}, {"slot": slot, "attempt": 1, "seed": spec.seeds[slot % len(spec.seeds)]})
@@ -128,12 +138,9 @@ def _queue(spec: SweepSpec) -> list[FrozenTrial]:
     queue = []
     for point in spec.grid_points():
         for seed in spec.seeds:
-            attrs = {
-                "slot": len(queue),
-                "attempt": 1,
-                "seed": seed,
-                "trial_key": trial_key(spec.name, point, seed),
-            }
+            key = trial_key(spec.name, point, seed)
+            attrs = {"slot": len(queue), "attempt": 1, "seed": seed, "trial_key": key}
+            attrs.update(_shown(sweep_dir, point, key))
             queue.append(_waiting({**point, SEED_PARAM: seed}, dists, attrs))
     return queue
 
@@ -252,7 +259,7 @@ class SweepStudy:
             atomic_write_json(saved, spec.to_dict())
             # the enqueue is one write: a create killed half-way enqueued all its trials or none
             if not count_states(storage, study._study_id):
-                add_waiting_trials(storage, study._study_id, _queue(spec))
+                add_waiting_trials(storage, study._study_id, _queue(spec, sweep_dir))
         return cls(spec, sweep_dir, storage, job_outcomes)
 
     @classmethod
@@ -348,8 +355,9 @@ class SweepStudy:
             params = {p.path: _suggest(trial, p) for p in spec.params}
             seed = attrs["seed"]
         key = trial_key(spec.name, params, seed)
-        if attrs.get("trial_key") != key:
-            trial.set_user_attr("trial_key", key)
+        if attrs.get("trial_key") != key:  # a search trial: its values are known from now on
+            for name, value in {"trial_key": key, **_shown(self.sweep_dir, params, key)}.items():
+                trial.set_user_attr(name, value)
         return Claim(
             trial=trial,
             trial_id=trial_id,
@@ -443,7 +451,11 @@ class SweepStudy:
         attempt = int(frozen.user_attrs.get("attempt", 1))
         if limited and attempt >= self.spec.max_retries + 1:
             return True
-        kept = {k: frozen.user_attrs[k] for k in ("slot", "seed", "trial_key") if k in frozen.user_attrs}
+        kept = {
+            k: frozen.user_attrs[k]
+            for k in ("slot", "seed", "trial_key", "label", "run_dir")
+            if k in frozen.user_attrs
+        }
         retry = _waiting(
             dict(frozen.params),
             dict(frozen.distributions),

@@ -396,7 +396,7 @@ def test_table_command_with_baseline_and_csv_and_latex(grid):
     md = table_command("abl", grid[0], ["method"], "test/ogpe_action", "markdown", "none", "ttest")
     assert "delta vs none" in md and "p (ttest, Holm)" in md
     none_row = next(line for line in md.splitlines() if line.startswith("| none"))
-    assert [c.strip() for c in none_row.split("|")[-3:-1]] == ["(baseline)", "-"]
+    assert [c.strip() for c in none_row.split("|")[-4:-1]] == ["(baseline)", "-", "-"]  # delta, p, P(better)
     csv = pd.read_csv(io.StringIO(table_command("abl", grid[0], None, None, "csv", "none", "wilcoxon")))
     assert csv["method"].tolist() == list(VALUES)
     np.testing.assert_allclose(csv["mean"], [complete_values(m).mean() for m in VALUES], atol=1e-12)
