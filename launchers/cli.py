@@ -16,14 +16,15 @@ from omegaconf import OmegaConf
 
 from launchers.config import compose_experiment
 from launchers.validate import (
+    BUILD_ERRORS,
     EXIT_FAILED,
     EXIT_USAGE,
     UsageError,
+    build_error_message,
     check_output_dir,
     check_storage,
     classify,
     mask_secrets,
-    name_config_keys,
     positive_int,
 )
 
@@ -90,9 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = new_run_dir(results_root(args.root), args.experiment)
     try:
         task = build_task(cfg, run_dir)  # bad data fails here, before anything is written
-    except (ValueError, OSError) as exc:  # the data (or model) the config describes cannot be built
-        message = name_config_keys(str(exc), cfg, "data")
-        raise UsageError(f"experiment '{args.experiment}': {message}") from exc
+    except BUILD_ERRORS as exc:  # the data or model that the config describes cannot be built
+        raise UsageError(f"experiment '{args.experiment}': {build_error_message(exc, cfg)}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)
     reporters = [ConsoleReporter(cfg.trainer.epochs)]
     wandb_reporter = None

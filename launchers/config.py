@@ -89,6 +89,18 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
+def _compose_or_explain(name: str, overrides: list[str]) -> DictConfig:
+    """Experiment `name` with `overrides`, resolved; Hydra's and OmegaConf's complaints as ConfigError
+    (ValueError: Hydra's own type checks of an override, e.g. a number given for a config group)."""
+    try:
+        cfg = _compose([f"experiment={name}", *overrides])
+        cfg.experiment_name = name
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"experiment '{name}' with {overrides}: {exc}") from exc
+    return cfg
+
+
 def compose_experiment(name: str, overrides: list[str] | None = None) -> DictConfig:
     """Resolved config of experiment `name` with Hydra-grammar `overrides`; ConfigError if anything is off."""
     overrides = list(overrides or [])
@@ -106,13 +118,17 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
         if ov.key_or_group in groups:
             options = group_options(ov.key_or_group)
             value = ov.value()
-            if isinstance(value, str) and value not in options:
-                raise ConfigError(
-                    f"'{key}={value}': no such option in group '{ov.key_or_group}'.{_suggest(value, options)}"
-                )
+            for choice in value if isinstance(value, list) else [value]:
+                if choice is None and ov.is_delete():
+                    continue
+                if not isinstance(choice, str) or choice not in options:
+                    raise ConfigError(
+                        f"'{ov.input_line}': no such option in group '{ov.key_or_group}'."
+                        f"{_suggest(str(choice), options)}"
+                    )
         elif not key.startswith("+"):
             value_overrides.append(ov)
-    base = _compose([f"experiment={name}", *[o.input_line for o in parsed if o not in value_overrides]])
+    base = _compose_or_explain(name, [o.input_line for o in parsed if o not in value_overrides])
     keys = flat_keys(base)
     for ov in value_overrides:
         key = ov.key_or_group
@@ -126,12 +142,7 @@ def compose_experiment(name: str, overrides: list[str] | None = None) -> DictCon
                 f"'{ov.input_line}': no key '{key}' in experiment '{name}'. "
                 f"Valid keys near it: {keys_near(key, keys)}.{groups_hint}"
             )
-    try:
-        cfg = _compose([f"experiment={name}", *overrides])
-        cfg.experiment_name = name
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"experiment '{name}' with {overrides}: {exc}") from exc
+    cfg = _compose_or_explain(name, overrides)
     for ov in parsed:
         if ov in value_overrides:
             _check_type(ov, base, cfg)

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 STORAGE_CONNECT_TIMEOUT_S = 5  # an unreachable database server fails the check in seconds, not minutes
@@ -55,6 +56,30 @@ def classify(exc: BaseException) -> tuple[int, str]:
     else:
         code, message = EXIT_FAILED, f"ablate: run failed: {type(exc).__name__}: {exc}"
     return code, _PICKLE_ADVICE.sub(_NO_PICKLE, mask_secrets(message))
+
+
+# What building a run's data and model from its config raises when the config or the data is wrong: a
+# data file (DataError, OSError), a value the loader rejects (ValueError), a key deleted with ~key
+# (OmegaConf's errors), keys a constructor does not take (TypeError, KeyError), a size or device torch
+# cannot use (RuntimeError). Raised before the run dir exists, so a bug surfaces here as exit 2 too,
+# with its exception named in the message.
+BUILD_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    OSError,
+    TypeError,
+    KeyError,
+    RuntimeError,
+    OmegaConfBaseException,
+)
+
+
+def build_error_message(exc: Exception, cfg: DictConfig) -> str:
+    """The message of a BUILD_ERRORS exception, with the config keys it is about named."""
+    if isinstance(exc, OmegaConfBaseException):
+        key = exc.full_key or "a key"
+        return f"{key} is needed but missing ({str(exc).splitlines()[0]})"
+    message = name_config_keys(str(exc).strip() or type(exc).__name__, cfg, "data")
+    return message if isinstance(exc, ValueError | OSError) else f"{type(exc).__name__}: {message}"
 
 
 def name_config_keys(message: str, cfg: DictConfig, section: str) -> str:

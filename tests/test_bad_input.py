@@ -8,16 +8,19 @@ shipped sweeps/ folder before and after: not a file, folder, lock or wandb run m
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hypothesis
 import pytest
-from omegaconf import OmegaConf
+from hypothesis import strategies as st
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from launchers.cli import main
-from launchers.config import compose_experiment
+from launchers.config import compose_experiment, config_groups, flat_keys, group_options
 from launchers.sweeps.spec import sweeps_dir
 
 PASSWORD = "s3cretPW"
@@ -217,3 +220,125 @@ def test_overrides_after_options_are_read_as_overrides(results_root, capsys):
     printed = OmegaConf.create(capsys.readouterr().out)
     assert printed.trainer.epochs == 3 and printed.experiment_name == "progress_learnable"
     assert not results_root.exists()
+
+
+# ---------------------------------------------------------------- fuzz: generated overrides
+
+FUZZ_EXAMPLES = int(os.environ.get("ABLATE_FUZZ_EXAMPLES", "12"))  # per experiment; fixed seed
+EXPERIMENTS = group_options("experiment")
+ODD_VALUES = [
+    "0",
+    "-1",
+    "1e308",
+    "-1e308",
+    "1e999",
+    "inf",
+    "-inf",
+    "nan",
+    "1e-320",
+    str(2**64),
+    str(-(2**63)),
+    "true",
+    "false",
+    "null",
+    "''",
+    "[]",
+    "{}",
+    "[1,2]",
+    "{a: 1}",
+    "[[",
+    "]",
+    "{",
+    "'",
+    '"',
+    "abc",
+    "???",
+    "${seed}",
+    "${nope}",
+    "${",
+    "a=b",
+    "=",
+    ",",
+    "\\",
+    "\u00e9\U0001f600",
+    "1,2",
+    "[a, [b]]",
+    "0x10",
+    "1_000",
+]
+
+
+def _like(value: object) -> st.SearchStrategy[str]:
+    """Override text for a value of `value`'s type."""
+    if isinstance(value, bool):
+        return st.sampled_from(["true", "false"])
+    if isinstance(value, int):
+        return st.integers(min_value=-2, max_value=64).map(str)
+    if isinstance(value, float):
+        return st.floats(min_value=-1.0, max_value=10.0).map(repr)
+    return st.text(alphabet="abcdefghij_", min_size=1, max_size=8)
+
+
+def _overrides(experiment: str) -> st.SearchStrategy[list[str]]:
+    """1-3 overrides of `experiment`: existing keys (and near misses) set to wrong types, extreme or
+    malformed values; appended (+, ++) and deleted (~) keys; group options real and made up; raw text."""
+    cfg = compose_experiment(experiment, ["debug=fast"])
+    keys = flat_keys(cfg)
+    leaves = [(k, v) for k in keys if not isinstance(v := OmegaConf.select(cfg, k), DictConfig | ListConfig)]
+    groups = config_groups()
+    key = st.one_of(
+        st.sampled_from(keys),
+        st.sampled_from(keys).map(lambda k: k + "x"),
+        st.from_regex(r"[a-z_]{1,8}(\.[a-z_]{1,8}){0,2}", fullmatch=True),
+        st.text(max_size=8),
+    )
+    value = st.one_of(
+        st.sampled_from(ODD_VALUES),
+        st.integers(min_value=-(2**70), max_value=2**70).map(str),
+        st.floats().map(repr),
+        st.text(max_size=10),
+    )
+    setting = st.builds(lambda p, k, v: f"{p}{k}={v}", st.sampled_from(["", "", "+", "++"]), key, value)
+    deletion = key.map(lambda k: f"~{k}")
+    # a value of the type the key holds, mostly small: inputs the checks should let through
+    same_type = st.sampled_from(leaves).flatmap(lambda kv: _like(kv[1]).map(lambda v: f"{kv[0]}={v}"))
+    group = st.sampled_from(groups).flatmap(
+        lambda g: st.builds(
+            lambda p, o: f"{p}{g}={o}",
+            st.sampled_from(["", "+"]),
+            st.one_of(st.sampled_from(group_options(g)), st.text(max_size=8)),
+        )
+    )
+    anything = st.one_of(same_type, same_type, setting, setting, deletion, group, st.text(max_size=16))
+    return st.lists(anything, min_size=1, max_size=3)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_generated_overrides_keep_the_contract(experiment, tmp_path, monkeypatch, capsys):
+    """Whatever the overrides: exit 0 or 2 (never 1, never a traceback), and nothing written. `--dry-run`
+    stops after validation, so no example trains (nor allocates what an extreme size asks for)."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ABLATE_ROOT", str(root))
+    monkeypatch.chdir(tmp_path)
+    outcomes: list[int] = []
+
+    @hypothesis.settings(
+        max_examples=FUZZ_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(overrides=_overrides(experiment))
+    def check(overrides: list[str]) -> None:
+        capsys.readouterr()
+        code = main(["run", experiment, "--dry-run", "debug=fast", *overrides])
+        err = capsys.readouterr().err
+        assert code in (0, 2), (overrides, err)
+        assert "Traceback" not in err and "run failed" not in err, (overrides, err)
+        assert code == 0 or "error" in err, (overrides, err)
+        assert not root.exists() and sorted(tmp_path.iterdir()) == [], (overrides, err)
+        outcomes.append(code)
+
+    check()
+    print(f"{experiment}: {len(outcomes)} inputs: {outcomes.count(2)} exit 2, {outcomes.count(0)} exit 0")
