@@ -219,7 +219,11 @@ def _open(args: argparse.Namespace):
         raise UsageError(
             f"no sweep '{args.sweep}' under {root / 'sweeps'}; start it with: ablate sweep {args.sweep}"
         )
-    check_storage(json.loads(saved.read_text()).get("storage"), str(saved))
+    try:
+        storage = json.loads(saved.read_text()).get("storage")
+    except (ValueError, AttributeError) as exc:
+        raise UsageError(f"{saved}: not a sweep record ({exc})") from exc
+    check_storage(storage, str(saved))
     return SweepStudy.open(args.sweep, root)
 
 

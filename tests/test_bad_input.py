@@ -162,6 +162,12 @@ CASES = [
         _sweep_file("sqlite:////no/such/dir/x.db"),
     ),
     Case(
+        "status-sweep-json-corrupt",
+        ["status", "old"],
+        ["sweep.json", "not a sweep record"],
+        _saved_sweep('"'),
+    ),
+    Case(
         "status-storage-without-server",
         ["status", "old"],
         ["sweep.json", "storage", "alice:***@"],
@@ -342,3 +348,17 @@ def test_generated_overrides_keep_the_contract(experiment, tmp_path, monkeypatch
 
     check()
     print(f"{experiment}: {len(outcomes)} inputs: {outcomes.count(2)} exit 2, {outcomes.count(0)} exit 0")
+
+
+def test_mask_secrets_hides_every_password_in_a_message():
+    from launchers.validate import mask_secrets
+
+    text = (
+        "invalid choice: 'storage=postgresql+psycopg://bob:p@ss:w0rd@db:5432/x' and "
+        '"mysql://u:pw@h/d", dsn host=db password=hunter2 user=bob; sqlite:////tmp/x.db, http://carol@h/'
+    )
+    masked = mask_secrets(text)
+    for secret in ("p@ss", "w0rd", ":pw@", "hunter2"):
+        assert secret not in masked
+    assert "postgresql+psycopg://bob:***@db:5432/x" in masked and "mysql://u:***@h/d" in masked
+    assert "password=***" in masked and "sqlite:////tmp/x.db" in masked and "http://carol@h/" in masked
