@@ -66,8 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides with --run-dir) and exits with EXIT_INTERRUPTED, distinct from success and failure so
     that a job script can requeue itself."""
     from core.train.distributed import context_from_env
-    from core.train.loop import Interrupted
-    from core.train.run import build_task, run_experiment  # torch import only when a run is asked for
+
+    # torch is imported only when a run is asked for
+    from core.train.loop import Interrupted, Trainer
+    from core.train.run import build_task, run_experiment, trainer_config
     from core.train.signals import stop_on_signals
     from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
@@ -91,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = new_run_dir(results_root(args.root), args.experiment)
     try:
         task = build_task(cfg, run_dir)  # bad data fails here, before anything is written
+        Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir)  # optimizer, scheduler: no writes
     except BUILD_ERRORS as exc:  # the data or model that the config describes cannot be built
         raise UsageError(f"experiment '{args.experiment}': {build_error_message(exc, cfg)}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)

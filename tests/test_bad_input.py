@@ -155,6 +155,9 @@ CASES = [
     Case("seed-negative", [*RUN, "seed=-1"], ["seed", "2**32"]),
     Case("list-given-a-scalar", [*RUN, "data.split_fractions=0.5"], ["data.split_fractions", "list"]),
     Case("deleted-key", [*RUN, "~trainer.lr"], ["trainer.lr"]),
+    Case("deleted-key-the-model-reads", [*RUN, "~model.base"], ["model.base is needed"]),
+    Case("optimizer-unknown", [*RUN, "trainer.optimizer=sgd"], ["trainer.optimizer", "adamw"]),
+    Case("threads-negative", [*RUN, "trainer.num_threads=-2"], ["num_threads", "positive"]),
     Case(
         "sqlite-folder-missing",
         ["sweep", "{tmp}/tiny.yaml"],
