@@ -365,3 +365,23 @@ def test_mask_secrets_hides_every_password_in_a_message():
         assert secret not in masked
     assert "postgresql+psycopg://bob:***@db:5432/x" in masked and "mysql://u:***@h/d" in masked
     assert "password=***" in masked and "sqlite:////tmp/x.db" in masked and "http://carol@h/" in masked
+
+
+@pytest.mark.skipif(
+    not os.environ.get("ABLATE_TEST_POSTGRES_URL"), reason="no PostgreSQL (tests/postgres/start_postgres.sh)"
+)
+def test_a_real_server_passes_and_a_wrong_password_is_named_not_printed(tmp_path, monkeypatch, capsys):
+    from sqlalchemy.engine import make_url
+
+    from launchers.validate import check_storage
+
+    url = os.environ["ABLATE_TEST_POSTGRES_URL"]
+    check_storage(url, "sweep.yaml")  # reachable, credentials right: nothing raised
+    wrong = make_url(url).set(password=PASSWORD).render_as_string(hide_password=False)
+    _sweep_file(wrong)(tmp_path)
+    monkeypatch.setenv("ABLATE_ROOT", str(tmp_path / "runs"))
+    before = _tree(tmp_path)
+    assert main(["sweep", str(tmp_path / "tiny.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.yaml: storage: cannot connect" in err and "password authentication failed" in err
+    assert PASSWORD not in err and _tree(tmp_path) == before
