@@ -36,7 +36,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from sweepstate.spec import GRID_PRUNER, GRID_SAMPLER, SweepSpec
-from sweepstate.storage import masked_url, rdb_engine
+from sweepstate.storage import mask_secrets, rdb_engine
 from sweepstate.study import SweepStudy
 
 PG_URL_FILE = Path(os.environ.get("ABLATE_PG_DIR", "/var/tmp/ablate-postgres")) / "url"
@@ -210,7 +210,7 @@ def bench(kind: str, args: argparse.Namespace, root: Path) -> None:
         drops.append(drop)
     storage = {"journal": None, "sqlite": "sqlite", "postgres": dbs[0] if dbs else None}[kind]
     try:
-        where = f"{kind} {masked_url(args.pg_url)}" if dbs else kind
+        where = f"{kind} {mask_secrets(args.pg_url)}" if dbs else kind
         print(
             f"\n== {where}: {w} workers x {n} trials, {work} s each",
             flush=True,

@@ -14,18 +14,32 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launchers.config import ConfigError, compose_experiment
+from launchers.config import compose_experiment
 from launchers.prepare_data import add_parser as add_prepare_data
+from launchers.validate import (
+    BUILD_ERRORS,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    build_error_message,
+    check_output_dir,
+    check_storage,
+    classify,
+    mask_secrets,
+    positive_int,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 75
-
-
-class UsageError(Exception):
-    """Bad input from the user: message printed, exit 2, nothing written."""
+EXIT_OK, EXIT_INTERRUPTED = 0, 75
 
 
 def results_root(arg: str | None) -> Path:
     return Path(arg or os.environ.get("ABLATE_ROOT") or "runs")
+
+
+def check_root(arg: str | None) -> None:
+    """The results root can hold what a command is about to write (checked before it writes)."""
+    option = "--root" if arg else "ABLATE_ROOT" if os.environ.get("ABLATE_ROOT") else "results root"
+    check_output_dir(option, results_root(arg))
 
 
 def new_run_dir(root: Path, experiment: str) -> Path:
@@ -53,12 +67,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides with --run-dir) and exits with EXIT_INTERRUPTED, distinct from success and failure so
     that a job script can requeue itself."""
     from core.train.distributed import context_from_env
-    from core.train.loop import Interrupted
-    from core.train.run import build_task, run_experiment  # torch import only when a run is asked for
+
+    # torch is imported only when a run is asked for
+    from core.train.loop import Interrupted, Trainer
+    from core.train.run import build_task, run_experiment, trainer_config
     from core.train.signals import stop_on_signals
     from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
     cfg = compose_experiment(args.experiment, args.overrides)
+    if args.run_dir:
+        check_output_dir("--run-dir", Path(args.run_dir))
+    else:
+        check_root(args.root)
+    if args.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return EXIT_OK
     main_rank = context_from_env().is_main  # a data-parallel launch (torchrun, SLURM tasks): rank 0 speaks
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -69,7 +92,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     else:
         run_dir = new_run_dir(results_root(args.root), args.experiment)
-    task = build_task(cfg, run_dir)  # bad data fails here, before anything is written
+    try:
+        task = build_task(cfg, run_dir)  # bad data fails here, before anything is written
+        Trainer(task, trainer_config(cfg, task.best_checkpoints), run_dir)  # optimizer, scheduler: no writes
+    except BUILD_ERRORS as exc:  # the data or model that the config describes cannot be built
+        raise UsageError(f"experiment '{args.experiment}': {build_error_message(exc, cfg)}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)
     reporters = [ConsoleReporter(cfg.trainer.epochs)]
     wandb_reporter = None
@@ -110,10 +137,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint {checkpoint}: this run keeps {', '.join(names)}")
     if not checkpoint_path(run_dir, checkpoint).exists():
         raise UsageError(f"{run_dir}: no '{checkpoint}' checkpoint ({checkpoint_path(run_dir, checkpoint)})")
+    _check_checkpoint(checkpoint_path(run_dir, checkpoint))
     metrics = evaluate_run(run_dir, checkpoint)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"wrote {run_dir / 'eval' / (checkpoint + '.json')}", file=sys.stderr)
     return EXIT_OK
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A truncated or corrupt checkpoint is bad input naming the file, not a failed evaluation."""
+    import pickle
+    import zipfile
+
+    from core.train.checkpoint import load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).split(". ")[0].strip() or type(exc).__name__  # torch's first sentence
+        raise UsageError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from exc
 
 
 def _submitter(launcher: str, spec):
@@ -137,9 +179,8 @@ def _submit(study, args: argparse.Namespace) -> int:
 
     launcher = args.launcher or study.spec.launcher.get("name", "local")
     submit = _submitter(launcher, study.spec)
-    workers, wait, sweep_dir = args.workers or study.spec.workers, args.wait, study.sweep_dir
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
+    workers = args.workers if args.workers is not None else study.spec.workers  # --workers is >= 1
+    wait, sweep_dir = args.wait, study.sweep_dir
 
     study.recover_stale()
     waiting, running = study.remaining_work()
@@ -168,6 +209,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_sweep(args.sweep, args.overrides)
     _submitter(args.launcher or spec.launcher.get("name", "local"), spec)  # check resources first
+    check_root(args.root)
+    from_override = any(o.partition("=")[0].lstrip("+~") == "storage" for o in args.overrides)
+    check_storage(spec.storage, f"{spec.path}{' (overridden)' if from_override else ''}")
     return _submit(SweepStudy.create(spec, results_root(args.root), trial_job_outcomes), args)
 
 
@@ -176,10 +220,16 @@ def _open(args: argparse.Namespace):
     from sweepstate.study import SweepStudy
 
     root = results_root(args.root)
-    if not (root / "sweeps" / args.sweep / "sweep.json").exists():
+    saved = root / "sweeps" / args.sweep / "sweep.json"
+    if not saved.exists():
         raise UsageError(
             f"no sweep '{args.sweep}' under {root / 'sweeps'}; start it with: ablate sweep {args.sweep}"
         )
+    try:
+        storage = json.loads(saved.read_text()).get("storage")
+    except (ValueError, AttributeError) as exc:
+        raise UsageError(f"{saved}: not a sweep record ({exc})") from exc
+    check_storage(storage, str(saved))
     return SweepStudy.open(args.sweep, root, trial_job_outcomes)
 
 
@@ -210,6 +260,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from analysis.commands import plot_command
 
+    target = Path(args.target)
+    if not target.exists() and (len(target.parts) > 1 or args.target.startswith(".")):
+        raise UsageError(f"{args.target}: no such run directory (a sweep is named without a '/')")
     try:
         paths = plot_command(args.target, results_root(args.root))
     except ValueError as exc:
@@ -269,7 +322,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ablate", description="Experiment orchestration and ablation for video-representation research."
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -282,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--launcher", choices=["inline"], default="inline", help="where the run executes")
     r.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     r.add_argument("--run-dir", help="an explicit run directory; resumes from its last.pt if present")
+    r.add_argument(
+        "--dry-run", action="store_true", help="compose and check the config and print it; write nothing"
+    )
     r.set_defaults(func=cmd_run)
 
     sw = sub.add_parser("sweep", help="create or continue a sweep and submit its workers")
@@ -295,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["local", "slurm"],
             help="where workers run (default: the sweep file's launcher.name)",
         )
-        q.add_argument("--workers", type=int, help="number of workers (default: the sweep file's)")
+        q.add_argument("--workers", type=positive_int, help="number of workers (default: the sweep file's)")
         q.add_argument(
             "--wait", action="store_true", help="block until the workers finish, then print status"
         )
@@ -367,31 +423,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sweep_error() -> type[Exception]:
-    from launchers.sweeps.spec import SweepError
+class _Parser(argparse.ArgumentParser):
+    """argparse that never prints a password: its messages quote the arguments it rejects."""
 
-    return SweepError
+    def error(self, message: str):
+        super().error(mask_secrets(message))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Options and overrides in any order (`ablate sweep demo --workers 2 storage=...`): the subcommand's
+    parser reads the rest with intermixed parsing, which argparse offers only for a parser without
+    subcommands."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in sub.choices:
+        return sub.choices[argv[0]].parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
+    return parser.parse_args(argv)  # help, or no/unknown command: argparse's own message
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except SystemExit as exc:  # argparse: help (0) or a usage error (2), its message already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_USAGE
     try:
         return args.func(args)
-    except (ConfigError, UsageError, _sweep_error()) as exc:
-        print(f"ablate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # `ablate status x | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return EXIT_OK
-    except Exception as exc:  # a run that failed: its summary.json already records why
-        from core.data.features import DataError
-
-        if isinstance(exc, DataError):
-            print(f"ablate: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"ablate: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as exc:  # bad input (exit 2) or a run that failed (exit 1: its summary.json says why)
+        code, message = classify(exc)
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from launchers.sweeps.study import SweepStudy, masked_url
+from sweepstate.study import SweepStudy, mask_secrets
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -123,7 +123,7 @@ def serve(study: SweepStudy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT)
     port = server.server_port
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     path = f"/dashboard/studies/{study.study_id}"
-    where = masked_url(study.spec.storage) if study.spec.storage else "journal file"
+    where = mask_secrets(study.spec.storage) if study.spec.storage else "journal file"
     print(f"dashboard of sweep {study.spec.name} ({where}, read-only): http://{shown}:{port}{path}")
     print(f"from a laptop: {tunnel_line(host, port)}  then open http://localhost:{port}{path}")
     if host not in ("127.0.0.1", "localhost", "::1"):

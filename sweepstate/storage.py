@@ -55,9 +55,16 @@ class StorageUnavailable(RuntimeError):
     """The sweep's storage failed for longer than the retries' patience; the message says what and why."""
 
 
-def masked_url(url: str) -> str:
-    """`url` with its password replaced by ***, for anything printed or logged."""
-    return re.sub(r"^([\w+.-]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+# `scheme://user:PASSWORD@` anywhere in a text (greedy to the last @ of the token: a raw @ in a password)
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^\s:/@'\"]*):[^\s'\"]*@")
+# libpq-style `password=...` (a DSN echoed in a driver's message)
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """`text` (a storage URL, or a message that may quote one) with every password in a URL or DSN
+    replaced by ***: for anything printed, logged or served."""
+    return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
 
 
 def retrying(operation: Callable[[], T], what: str, patience_s: float) -> T:
@@ -137,7 +144,7 @@ def open_storage(storage: str | None, sweep_dir: Path, patience_s: float = 60.0)
             "pool_timeout": patience_s,
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {},
         }
-    rdb = retrying(lambda: RDBStorage(url, engine_kwargs=kwargs), f"open {masked_url(url)}", patience_s)
+    rdb = retrying(lambda: RDBStorage(url, engine_kwargs=kwargs), f"open {mask_secrets(url)}", patience_s)
     if url.startswith("sqlite"):
         _serialize_sqlite(rdb)
     # not Optuna's cached wrapper (optuna.storages.get_storage): it re-reads every unfinished trial

@@ -47,7 +47,7 @@ from sweepstate.storage import (
     add_waiting_trials,
     claim_next_rdb,
     count_states,
-    masked_url,
+    mask_secrets,
     open_storage,
     rdb_engine,
     retrying,
@@ -277,7 +277,7 @@ class SweepStudy:
         try:
             return cls(spec, path, storage, job_outcomes)
         except KeyError as exc:
-            where = masked_url(spec.storage) if spec.storage else "its journal file"
+            where = mask_secrets(spec.storage) if spec.storage else "its journal file"
             raise SweepError(f"{path}: no study '{spec.name}' in {where}: storage lost or moved") from exc
 
     # ------------------------------------------------------------------ claims

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from launchers.dashboard import MISSING, masking, read_only, storage_secrets, tunnel_line
-from launchers.sweeps.study import SweepStudy
+from sweepstate.study import SweepStudy
 from tests.browser import dump_dom
 from tests.test_analysis import FAILED, build_grid_sweep
 

@@ -16,7 +16,7 @@ from PIL import Image
 from analysis.report import report_command
 from core.train.run import environment
 from launchers.cli import main
-from launchers.sweeps.study import SweepStudy
+from sweepstate.study import SweepStudy
 from tests.browser import dump_dom, screenshot
 from tests.test_analysis import build_grid_sweep, spec_of, write_run
 

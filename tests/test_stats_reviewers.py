@@ -28,7 +28,7 @@ from analysis.stats import (
     t_interval,
 )
 from analysis.tables import ablation_table, render_latex, render_markdown
-from launchers.sweeps.study import SweepStudy
+from sweepstate.study import SweepStudy
 from tests.test_analysis import CPU_TORCH, spec_of, with_resources, write_run
 
 

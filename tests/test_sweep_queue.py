@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from sweepstate import storage as storage_module
 from sweepstate.spec import GRID_PRUNER, GRID_SAMPLER, ParamSpec, SweepSpec
-from sweepstate.storage import StorageUnavailable, masked_url, retrying
+from sweepstate.storage import StorageUnavailable, mask_secrets, retrying
 from sweepstate.study import SweepStudy
 
 PG_URL_FILE = Path(os.environ.get("ABLATE_PG_DIR", "/var/tmp/ablate-postgres")) / "url"
@@ -46,7 +46,7 @@ def postgres_server() -> str:
                 pass
             return url
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            why = f"PostgreSQL at {masked_url(url)} unreachable: {exc}"
+            why = f"PostgreSQL at {mask_secrets(url)} unreachable: {exc}"
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must run the PostgreSQL tests: {why}")
     pytest.skip(why)

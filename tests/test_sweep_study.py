@@ -25,7 +25,7 @@ from launchers.sweeps.spec import load_sweep
 from launchers.sweeps.status import format_status, status_json_lines
 from launchers.sweeps.worker import run_worker, trial_threads
 from sweepstate.spec import SweepError, SweepSpec, trial_key
-from sweepstate.study import SweepStudy, masked_url
+from sweepstate.study import SweepStudy, mask_secrets
 
 REPO = Path(__file__).resolve().parents[1]
 # ~0.5 s per epoch on one core: 6 videos per task, split 2/2/2
@@ -93,13 +93,13 @@ def metric_rows(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- fast
 
 
-def test_masked_url_hides_only_the_password():
-    assert masked_url("postgresql://alice:s3cr%40t@db.example.org:5432/sweeps") == (
+def test_mask_secrets_hides_only_the_password():
+    assert mask_secrets("postgresql://alice:s3cr%40t@db.example.org:5432/sweeps") == (
         "postgresql://alice:***@db.example.org:5432/sweeps"
     )
-    assert masked_url("postgresql+psycopg2://bob:p:w@host/db") == "postgresql+psycopg2://bob:***@host/db"
+    assert mask_secrets("postgresql+psycopg2://bob:p:w@host/db") == "postgresql+psycopg2://bob:***@host/db"
     for url in ("postgresql://host/db", "sqlite:////tmp/x.db", "postgresql://carol@host/db"):
-        assert masked_url(url) == url
+        assert mask_secrets(url) == url
 
 
 def test_create_is_idempotent_and_concurrent_safe(tmp_path):
