@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reporters.append(wandb_reporter)
         print(f"run dir: {run_dir}", file=sys.stderr)
         with stop_on_signals():
-            summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task)
+            summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task, overrides=args.overrides)
     except Interrupted as exc:
         again = shlex.join(["ablate", "run", args.experiment, *args.overrides, "--run-dir", str(run_dir)])
         print(f"ablate: {exc}\nresume it with: {again}", file=sys.stderr)
@@ -113,6 +113,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"wrote {run_dir / 'eval' / (checkpoint + '.json')}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from launchers.rerun import rerun, run_dir_of
+
+    root = results_root(args.root)
+    try:
+        run_dir = run_dir_of(args.target, root)
+        experiment = json.loads((run_dir / "provenance.json").read_text())["experiment"]
+        return rerun(run_dir, new_run_dir(root, experiment))  # `ablate run` prints the new run dir
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _submitter(launcher: str, spec):
@@ -308,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--dry-run", action="store_true", help="list the offline runs and what would be uploaded")
     sy.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     sy.set_defaults(func=cmd_sync)
+
+    rr = sub.add_parser("rerun", help="run a recorded run again with its code, config and seed")
+    rr.add_argument("target", help="a run directory, or SWEEP:TRIAL_KEY")
+    rr.add_argument("--root", help="results root for the new run (default: $ABLATE_ROOT or ./runs)")
+    rr.set_defaults(func=cmd_rerun)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")

@@ -142,7 +142,7 @@ def _train(study: SweepStudy, claim: Claim, lease: Lease) -> dict[str, Any]:
             )
             reporters.append(wandb_reporter)
         reporters.append(TrialReporter(claim, spec.metric, lease))
-        summary = run_experiment(cfg, claim.run_dir, Reporters(reporters))
+        summary = run_experiment(cfg, claim.run_dir, Reporters(reporters), overrides=claim.overrides)
     finally:
         if wandb_reporter is not None:
             wandb_reporter.finish(
