@@ -157,3 +157,9 @@ def package_mismatch(recorded: dict[str, str], installed: dict[str, str] | None 
         if was != now:
             lines.append(f"{name}: recorded {was or 'not installed'}, installed {now or 'not installed'}")
     return lines
+
+
+def run_code(run_dir: Path | None) -> str | None:
+    """The code hash a run (last) ran with, from its provenance.json; None when it has none yet."""
+    path = Path(run_dir) / PROVENANCE_FILE if run_dir is not None else None
+    return json.loads(path.read_text())["code_hash"] if path is not None and path.exists() else None

@@ -173,13 +173,18 @@ def _submit(study, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from launchers.snapshot import require_clean, use_code
     from launchers.sweeps.slurm import trial_job_outcomes
     from launchers.sweeps.spec import load_sweep
     from sweepstate.study import SweepStudy
 
     spec = load_sweep(args.sweep, args.overrides)
     _submitter(args.launcher or spec.launcher.get("name", "local"), spec)  # check resources first
-    return _submit(SweepStudy.create(spec, results_root(args.root), trial_job_outcomes), args)
+    if args.require_clean:
+        require_clean()
+    study = SweepStudy.create(spec, results_root(args.root), trial_job_outcomes)
+    use_code(study, Path(spec.path) if spec.path else None, replace=False)
+    return _submit(study, args)
 
 
 def _open(args: argparse.Namespace):
@@ -195,7 +200,11 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _submit(_open(args), args)
+    from launchers.snapshot import use_code
+
+    study = _open(args)
+    use_code(study, None, replace=args.code == "current")
+    return _submit(study, args)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -276,8 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="create or continue a sweep and submit its workers")
     sw.add_argument("sweep", help="a name in sweeps/ or a path to a sweep .yaml")
     sw.add_argument("overrides", nargs="*", help="overrides of the sweep file, e.g. search.n_trials=8")
+    sw.add_argument(
+        "--require-clean",
+        action="store_true",
+        help="refuse a checkout with uncommitted changes",
+    )
     rs = sub.add_parser("resume", help="submit workers for what is left of a sweep")
     rs.add_argument("sweep", help="the sweep's name")
+    rs.add_argument(
+        "--code",
+        choices=["sweep", "current"],
+        default="sweep",
+        help="code the new workers run: the sweep's snapshot (default) or a new one of this checkout",
+    )
     for q in (sw, rs):
         q.add_argument(
             "--launcher",

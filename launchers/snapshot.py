@@ -14,8 +14,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -32,7 +34,11 @@ from core.provenance import (
     code_root,
     code_state,
 )
+from sweepstate.spec import SweepError
+from sweepstate.study import SweepStudy
 
+CODE_ATTR = "ablate:code"  # study user attr: hash of the snapshot new workers run
+TRIAL_CODE_ATTR = "code"  # trial user attr: hash of the code the trial ran
 CODE_INDEX = "code.json"  # in a sweep dir: {"current": hash, "snapshots": {hash: record}}
 
 
@@ -133,3 +139,49 @@ def materialise(repo: Path, commit: str, diff: str, into: Path) -> Path:
         {"git_commit": commit, "git_dirty": bool(diff), "repo": str(repo), "code_hash": code_hash(into)},
     )
     return into
+
+
+def snapshot_setup(code: Path) -> list[str]:
+    """Shell lines that make a submitit job (local or SLURM `setup`) import from the snapshot `code`:
+    `python -m` puts the working directory first on sys.path, so the job starts inside it."""
+    quoted = shlex.quote(str(code))
+    return [
+        f"cd {quoted}",
+        f'export PYTHONPATH={quoted}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+        "unset ABLATE_CONFIG_DIR",
+    ]
+
+
+def freeze_sweep(sweep_dir: Path, sweep_file: Path | None) -> Snapshot:
+    """Snapshot the running checkout for the sweep in `sweep_dir` and make it the code its workers run;
+    the sweep file is kept next to it."""
+    snap = take_snapshot(Path(sweep_dir) / "code")
+    if sweep_file is not None and Path(sweep_file).is_file():
+        shutil.copy2(sweep_file, snap.path / "sweep.yaml")
+    record_sweep_code(sweep_dir, snap)
+    return snap
+
+
+def require_clean(source: Path | None = None) -> None:
+    """SweepError when the checkout has uncommitted changes to its code (`--require-clean`)."""
+    state = code_state(source)
+    if state["git_dirty"]:
+        files = sorted({line[6:] for line in state["diff"].splitlines() if line.startswith("+++ b/")})
+        raise SweepError(f"--require-clean: the checkout has uncommitted changes: {', '.join(files)}")
+
+
+def use_code(study: SweepStudy, sweep_file: Path | None, replace: bool) -> Snapshot | None:
+    """Give a sweep its code: a snapshot of the running checkout when it has none yet or when
+    `replace` (`ablate resume --code current`); otherwise it keeps the one it has (None)."""
+    if not replace and sweep_code(study.sweep_dir) is not None:
+        return None
+    snap = freeze_sweep(study.sweep_dir, sweep_file)
+    study.storage.set_study_user_attr(study.study_id, CODE_ATTR, snap.hash)
+    print(f"code: {snap.path}" + ("" if snap.created else " (unchanged, already there)"), file=sys.stderr)
+    if snap.dirty:
+        print(
+            "ablate: the checkout has uncommitted changes; the sweep runs them "
+            f"(diff: {snap.path / DIFF_FILE})",
+            file=sys.stderr,
+        )
+    return snap

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from core.provenance import run_code
 from launchers.sweeps.local import submitted_jobs
 from launchers.sweeps.slurm import JobState, job_states
 from sweepstate.study import SweepStudy, TrialRecord
@@ -199,6 +200,7 @@ def status_json_lines(study: SweepStudy) -> str:
                     "last_value": t.last_value,
                     "last_epoch": t.last_epoch,
                     "attempt": t.attempt,
+                    "code": run_code(t.run_dir),
                     "reason": t.reason,
                     "worker": t.worker,
                     "job_id": job_id,

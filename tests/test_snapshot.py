@@ -1,0 +1,124 @@
+"""Sweeps run the code they were submitted with: real local workers import the sweep's snapshot, so an
+edit of the checkout after `ablate sweep` changes nothing - for the remaining trials, a killed and
+retried trial and a resumed sweep - until `ablate resume --code current` makes the edit the sweep's code."""
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from launchers.snapshot import take_snapshot
+from tests.test_provenance import ablate, clone_checkout, edit_lr, metric_rows
+
+SWEEP = """
+experiment: progress_none
+overrides: [debug=fast, trainer.epochs=2, logger.enabled=false, trainer.num_threads=1]
+objective: {metric: val/alignment_loss, direction: minimize}
+seeds: [0, 1, 2, 3]
+grid:
+  trainer.weight_decay: [0.0]
+workers: 1
+lease: {heartbeat_s: 1, timeout_s: 3, max_retries: 2}
+launcher: {name: local}
+"""
+
+
+def trials(checkout: Path, root: Path) -> list[dict]:
+    out = ablate(checkout, "status", "tiny", "--json", "--root", str(root))
+    assert out.returncode == 0, out.stderr
+    return [r for r in map(json.loads, out.stdout.splitlines()) if r.get("kind") == "trial"]
+
+
+def wait_for(condition, what: str, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_workers(sweep_dir: Path) -> None:
+    """SIGKILL every local worker of the sweep and its processes, as a crashed node would."""
+    pids = {int(j["job_id"]) for j in json.loads((sweep_dir / "jobs.json").read_text())}
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        pids.add(pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
+    checkout = clone_checkout(tmp_path)
+    root, path = tmp_path / "runs", tmp_path / "tiny.yaml"
+    path.write_text(SWEEP)
+    created = ablate(checkout, "sweep", str(path), "--root", str(root))
+    assert created.returncode == 0, created.stderr
+    sweep_dir = root / "sweeps" / "tiny"
+    old = json.loads((sweep_dir / "code.json").read_text())["current"]
+    assert (sweep_dir / "code" / old / "core" / "train" / "loop.py").is_file()
+    edit_lr(checkout)  # the workers are still starting: they must not see this
+
+    # the first trial is killed with its worker after its first epoch; a resumed sweep retries it
+    first = sweep_dir / "trials"
+    wait_for(lambda: any(first.glob("*/checkpoints/last.pt")), "a first checkpoint")
+    kill_workers(sweep_dir)
+    assert ablate(checkout, "resume", "tiny", "--root", str(root)).returncode == 0
+    wait_for(lambda: sum(r["state"] == "COMPLETE" for r in trials(checkout, root)) >= 2, "two trials")
+    kill_workers(sweep_dir)
+
+    resumed = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root), "--wait")
+    assert resumed.returncode == 0, resumed.stderr
+    new = json.loads((sweep_dir / "code.json").read_text())["current"]
+    assert new != old and set(json.loads((sweep_dir / "code.json").read_text())["snapshots"]) == {old, new}
+
+    rows = trials(checkout, root)
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(done) == 4 and any(r["attempt"] > 1 for r in done), rows
+    by_code: dict[str, list[dict]] = {old: [], new: []}
+    for r in done:
+        run_dir = sweep_dir / "trials" / r["key"]
+        provenance = json.loads((run_dir / "provenance.json").read_text())
+        assert provenance["snapshot"] == str((sweep_dir / "code" / provenance["code_hash"]).resolve())
+        assert r["code"] == provenance["code_hash"]
+        by_code[provenance["code_hash"]].append(metric_rows(run_dir))
+    assert by_code[old] and by_code[new], rows
+    assert all(row["lr"] != 7.0 for metrics in by_code[old] for row in metrics)  # the snapshot's code
+    assert all(metrics[-1]["lr"] == 7.0 for metrics in by_code[new])  # the edit, explicitly taken
+
+    table = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root))
+    assert table.returncode == 2 and "code" in table.stderr
+    table = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root), "--pool-code")
+    assert table.returncode == 0, table.stderr
+
+
+def test_snapshot_of_an_unchanged_tree_is_taken_once(tmp_path):
+    first = take_snapshot(tmp_path / "code")
+    again = take_snapshot(tmp_path / "code")
+    assert first.created and not again.created and again.path == first.path
+    assert (first.path / "sweepstate" / "study.py").is_file() and not list(first.path.rglob("__pycache__"))
+
+
+def test_require_clean_refuses_a_dirty_checkout_and_writes_nothing(tmp_path):
+    checkout = clone_checkout(tmp_path)
+    edit_lr(checkout)
+    path, root = tmp_path / "tiny.yaml", tmp_path / "runs"
+    path.write_text(SWEEP)
+    refused = ablate(checkout, "sweep", str(path), "--root", str(root), "--require-clean")
+    assert refused.returncode == 2 and "core/train/loop.py" in refused.stderr
+    assert not root.exists()
