@@ -219,6 +219,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             {"md": "markdown"}.get(args.format, args.format),
             args.baseline,
             args.test,
+            args.pool_code,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--baseline", help="the row others are tested against (default: the first)")
     tb.add_argument(
         "--test", choices=["wilcoxon", "ttest"], default="wilcoxon", help="paired test over seeds"
+    )
+    tb.add_argument(
+        "--pool-code", action="store_true", help="pool trials that ran different code into one row"
     )
     tb.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     tb.set_defaults(func=cmd_table)

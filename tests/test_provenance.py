@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,20 @@ def edit_lr(checkout: Path) -> None:
 
 
 def ablate(checkout: Path, *args: str) -> subprocess.CompletedProcess:
-    """The `ablate` CLI of the code in `checkout` (not of this process's code)."""
-    return subprocess.run(
-        [sys.executable, "-m", "launchers.cli", *args],
-        cwd=checkout,
-        env=snapshot_env(checkout, {**os.environ, "WANDB_MODE": "offline"}),
-        capture_output=True,
-        text=True,
-    )
+    """The `ablate` CLI of the code in `checkout` (not of this process's code). Its output goes through
+    files, not pipes: the workers it starts outlive it and hold on to them."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        done = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args],
+            cwd=checkout,
+            env=snapshot_env(checkout, {**os.environ, "WANDB_MODE": "offline"}),
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(done.args, done.returncode, out.read(), err.read())
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

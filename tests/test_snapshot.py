@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from analysis.commands import table_command
 from launchers.snapshot import take_snapshot
+from tests.test_analysis import build_grid_sweep
 from tests.test_provenance import ablate, clone_checkout, edit_lr, metric_rows
 
 SWEEP = """
 experiment: progress_none
 overrides: [debug=fast, trainer.epochs=2, logger.enabled=false, trainer.num_threads=1]
 objective: {metric: val/alignment_loss, direction: minimize}
-seeds: [0, 1, 2, 3]
+seeds: [0, 1, 2]
 grid:
   trainer.weight_decay: [0.0]
 workers: 1
@@ -72,39 +74,38 @@ def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
     sweep_dir = root / "sweeps" / "tiny"
     old = json.loads((sweep_dir / "code.json").read_text())["current"]
     assert (sweep_dir / "code" / old / "core" / "train" / "loop.py").is_file()
-    edit_lr(checkout)  # the workers are still starting: they must not see this
+    assert (sweep_dir / "code" / old / "sweep.yaml").read_text() == SWEEP
+    edit_lr(checkout)  # the worker is still starting: it must not see this
 
-    # the first trial is killed with its worker after its first epoch; a resumed sweep retries it
-    first = sweep_dir / "trials"
-    wait_for(lambda: any(first.glob("*/checkpoints/last.pt")), "a first checkpoint")
+    # the first trial is killed with its worker after its first epoch; the resumed sweep retries it
+    wait_for(lambda: any((sweep_dir / "trials").glob("*/checkpoints/last.pt")), "a first checkpoint")
     kill_workers(sweep_dir)
-    assert ablate(checkout, "resume", "tiny", "--root", str(root)).returncode == 0
-    wait_for(lambda: sum(r["state"] == "COMPLETE" for r in trials(checkout, root)) >= 2, "two trials")
-    kill_workers(sweep_dir)
-
-    resumed = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root), "--wait")
+    resumed = ablate(checkout, "resume", "tiny", "--root", str(root), "--wait")
     assert resumed.returncode == 0, resumed.stderr
-    new = json.loads((sweep_dir / "code.json").read_text())["current"]
-    assert new != old and set(json.loads((sweep_dir / "code.json").read_text())["snapshots"]) == {old, new}
 
     rows = trials(checkout, root)
     done = [r for r in rows if r["state"] == "COMPLETE"]
-    assert len(done) == 4 and any(r["attempt"] > 1 for r in done), rows
-    by_code: dict[str, list[dict]] = {old: [], new: []}
+    assert len(done) == 3 and any(r["attempt"] > 1 for r in done), rows
     for r in done:
         run_dir = sweep_dir / "trials" / r["key"]
         provenance = json.loads((run_dir / "provenance.json").read_text())
-        assert provenance["snapshot"] == str((sweep_dir / "code" / provenance["code_hash"]).resolve())
-        assert r["code"] == provenance["code_hash"]
-        by_code[provenance["code_hash"]].append(metric_rows(run_dir))
-    assert by_code[old] and by_code[new], rows
-    assert all(row["lr"] != 7.0 for metrics in by_code[old] for row in metrics)  # the snapshot's code
-    assert all(metrics[-1]["lr"] == 7.0 for metrics in by_code[new])  # the edit, explicitly taken
+        assert provenance["snapshot"] == str((sweep_dir / "code" / old).resolve())
+        assert r["code"] == provenance["code_hash"] == old
+        assert all(row["lr"] != 7.0 for row in metric_rows(run_dir))  # the snapshot's code, not the edit
 
-    table = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root))
-    assert table.returncode == 2 and "code" in table.stderr
-    table = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root), "--pool-code")
-    assert table.returncode == 0, table.stderr
+    # a trial reruns from its snapshot, whatever the checkout holds now
+    key = done[0]["key"]
+    again = ablate(checkout, "rerun", f"tiny:{key}", "--root", str(root))
+    assert again.returncode == 0, again.stderr
+    assert metric_rows(Path(again.stdout.splitlines()[-1])) == metric_rows(sweep_dir / "trials" / key)
+
+    # continuing with the edited code is explicit, and recorded
+    upgraded = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root))
+    assert upgraded.returncode == 0, upgraded.stderr
+    index = json.loads((sweep_dir / "code.json").read_text())
+    assert index["current"] != old and set(index["snapshots"]) == {old, index["current"]}
+    assert index["snapshots"][index["current"]]["git_dirty"] is True
+    assert (sweep_dir / "code" / index["current"] / "diff.patch").read_text().count("7.0") == 1
 
 
 def test_snapshot_of_an_unchanged_tree_is_taken_once(tmp_path):
@@ -122,3 +123,15 @@ def test_require_clean_refuses_a_dirty_checkout_and_writes_nothing(tmp_path):
     refused = ablate(checkout, "sweep", str(path), "--root", str(root), "--require-clean")
     assert refused.returncode == 2 and "core/train/loop.py" in refused.stderr
     assert not root.exists()
+
+
+def test_table_keeps_trials_of_different_code_apart_unless_pooled(tmp_path):
+    """Trials whose run dirs record two code hashes (as after `resume --code current`) are separate rows."""
+    study = build_grid_sweep(tmp_path)
+    finished = [t for t in study.trials() if t.run_dir is not None and t.run_dir.exists()]
+    for i, t in enumerate(finished):
+        (t.run_dir / "provenance.json").write_text(json.dumps({"code_hash": "old" if i % 2 else "new"}))
+    split = table_command("abl", tmp_path, None, None, "csv", None, "wilcoxon")
+    pooled = table_command("abl", tmp_path, None, None, "csv", None, "wilcoxon", pool_code=True)
+    assert "code" in split.splitlines()[0] and {"old", "new"} <= set(split.replace(",", " ").split())
+    assert "code" not in pooled.splitlines()[0] and len(pooled.splitlines()) < len(split.splitlines())

@@ -158,11 +158,12 @@ def format_status(study: SweepStudy) -> str:
                 t.seed,
                 t.value,
                 None if t.last_epoch is None else t.last_epoch + 1,
+                run_code(t.run_dir),
                 _params(t),
             ]
             for t in finished
         ]
-        out.append(_table(["trial", "state", "seed", spec.metric, "epochs", "params"], rows))
+        out.append(_table(["trial", "state", "seed", spec.metric, "epochs", "code", "params"], rows))
     arrays = jobs.arrays()
     if arrays:
         out += ["", "slurm workers:"]
