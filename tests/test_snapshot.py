@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 
 from analysis.commands import table_command
-from launchers.snapshot import take_snapshot
+from launchers.snapshot import freeze_sweep, take_snapshot
+from launchers.sweeps import slurm
+from launchers.sweeps.spec import load_sweep
+from sweepstate.study import SweepStudy
 from tests.test_analysis import build_grid_sweep
 from tests.test_provenance import ablate, clone_checkout, edit_lr, metric_rows
+from tests.test_slurm import cluster  # noqa: F401 (the fixture)
 
 SWEEP = """
 experiment: progress_none
@@ -26,6 +30,17 @@ grid:
 workers: 1
 lease: {heartbeat_s: 1, timeout_s: 3, max_retries: 2}
 launcher: {name: local}
+"""
+SLURM_SWEEP = """
+experiment: progress_none
+overrides: [debug=fast, trainer.epochs=1, logger.enabled=false, trainer.num_threads=1]
+objective: {metric: val/alignment_loss, direction: minimize}
+seeds: [0]
+grid:
+  trainer.weight_decay: [0.0]
+workers: 1
+lease: {heartbeat_s: 1, timeout_s: 30, max_retries: 1}
+launcher: {name: slurm, slurm: {time: "00:10:00", cpus_per_task: 1, mem: 2G}}
 """
 
 
@@ -135,3 +150,19 @@ def test_table_keeps_trials_of_different_code_apart_unless_pooled(tmp_path):
     pooled = table_command("abl", tmp_path, None, None, "csv", None, "wilcoxon", pool_code=True)
     assert "code" in split.splitlines()[0] and {"old", "new"} <= set(split.replace(",", " ").split())
     assert "code" not in pooled.splitlines()[0] and len(pooled.splitlines()) < len(split.splitlines())
+
+
+@pytest.mark.usefixtures("cluster")
+def test_slurm_worker_imports_the_sweep_snapshot(tmp_path):
+    """A SLURM job starts in the snapshot (submitit `setup` lines), so its trial runs the frozen code."""
+    path = tmp_path / "one.yaml"
+    path.write_text(SLURM_SWEEP)
+    study = SweepStudy.create(load_sweep(path), tmp_path / "runs")
+    snap = freeze_sweep(study.sweep_dir, path)
+    (job,) = slurm.submit_slurm_workers(study.sweep_dir, 1, slurm.slurm_resources(study.spec.launcher))
+    job.wait()
+    (trial,) = study.trials()
+    assert trial.state == "COMPLETE", job.stderr()
+    provenance = json.loads((trial.run_dir / "provenance.json").read_text())
+    assert provenance["snapshot"] == str(snap.path) and provenance["code_hash"] == snap.hash
+    assert provenance["cwd"] == str(snap.path)
