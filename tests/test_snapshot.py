@@ -22,7 +22,7 @@ from tests.test_slurm import cluster  # noqa: F401 (the fixture)
 
 SWEEP = """
 experiment: progress_none
-overrides: [debug=fast, trainer.epochs=2, logger.enabled=false, trainer.num_threads=1]
+overrides: [debug=fast, trainer.epochs=3, logger.enabled=false, trainer.num_threads=1]
 objective: {metric: val/alignment_loss, direction: minimize}
 seeds: [0, 1, 2]
 grid:
@@ -79,6 +79,11 @@ def kill_workers(sweep_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def epochs_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 @pytest.mark.slow
 def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
     checkout = clone_checkout(tmp_path)
@@ -91,36 +96,54 @@ def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
     assert (sweep_dir / "code" / old / "core" / "train" / "loop.py").is_file()
     assert (sweep_dir / "code" / old / "sweep.yaml").read_text() == SWEEP
     edit_lr(checkout)  # the worker is still starting: it must not see this
+    study = SweepStudy.open(sweep_dir)
 
-    # the first trial is killed with its worker after its first epoch; the resumed sweep retries it
-    wait_for(lambda: any((sweep_dir / "trials").glob("*/checkpoints/last.pt")), "a first checkpoint")
+    # the last trial's worker is killed after its first epoch; the resumed sweep retries it (same
+    # snapshot) and is killed after its second; `--code current` finishes it with the edit
+    def last_trial_at(epochs: int) -> Path | None:
+        rows = study.trials()
+        running = [t for t in rows if t.state == "RUNNING"]
+        done = sum(t.state == "COMPLETE" for t in rows)
+        if done == 2 and running and epochs_logged(running[0].run_dir) >= epochs:
+            return running[0].run_dir
+        return None
+
+    last = wait_for(lambda: last_trial_at(1), "the last trial's first epoch", timeout=300)
     kill_workers(sweep_dir)
-    resumed = ablate(checkout, "resume", "tiny", "--root", str(root), "--wait")
+    assert ablate(checkout, "resume", "tiny", "--root", str(root)).returncode == 0
+    wait_for(lambda: last_trial_at(2), "the retried trial's second epoch")
+    kill_workers(sweep_dir)
+    resumed = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root), "--wait")
     assert resumed.returncode == 0, resumed.stderr
+    index = json.loads((sweep_dir / "code.json").read_text())
+    new = index["current"]
+    assert new != old and set(index["snapshots"]) == {old, new} and index["snapshots"][new]["git_dirty"]
 
     rows = trials(checkout, root)
     done = [r for r in rows if r["state"] == "COMPLETE"]
-    assert len(done) == 3 and any(r["attempt"] > 1 for r in done), rows
+    assert len(done) == 3, rows
     for r in done:
         run_dir = sweep_dir / "trials" / r["key"]
         provenance = json.loads((run_dir / "provenance.json").read_text())
-        assert provenance["snapshot"] == str((sweep_dir / "code" / old).resolve())
-        assert r["code"] == provenance["code_hash"] == old
-        assert all(row["lr"] != 7.0 for row in metric_rows(run_dir))  # the snapshot's code, not the edit
+        lrs = [row["lr"] for row in metric_rows(run_dir)]
+        if run_dir == last:
+            assert r["attempt"] == 3 and r["code"] == provenance["code_hash"] == new
+            assert 7.0 not in lrs[:2] and lrs[2] == 7.0  # epochs of the snapshot, then of the edit
+        else:
+            assert r["attempt"] == 1 and r["code"] == provenance["code_hash"] == old
+            assert 7.0 not in lrs  # ran after the edit, with the snapshot's code
+        assert provenance["snapshot"] == str((sweep_dir / "code" / provenance["code_hash"]).resolve())
+
+    table = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root))
+    assert table.returncode == 0 and old in table.stdout and new in table.stdout, table.stderr
+    pooled = ablate(checkout, "table", "tiny", "--format", "csv", "--root", str(root), "--pool-code")
+    assert pooled.returncode == 0 and old not in pooled.stdout and new not in pooled.stdout, pooled.stderr
 
     # a trial reruns from its snapshot, whatever the checkout holds now
-    key = done[0]["key"]
+    key = next(r["key"] for r in done if sweep_dir / "trials" / r["key"] != last)
     again = ablate(checkout, "rerun", f"tiny:{key}", "--root", str(root))
     assert again.returncode == 0, again.stderr
     assert metric_rows(Path(again.stdout.splitlines()[-1])) == metric_rows(sweep_dir / "trials" / key)
-
-    # continuing with the edited code is explicit, and recorded
-    upgraded = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root))
-    assert upgraded.returncode == 0, upgraded.stderr
-    index = json.loads((sweep_dir / "code.json").read_text())
-    assert index["current"] != old and set(index["snapshots"]) == {old, index["current"]}
-    assert index["snapshots"][index["current"]]["git_dirty"] is True
-    assert (sweep_dir / "code" / index["current"] / "diff.patch").read_text().count("7.0") == 1
 
 
 def test_snapshot_of_an_unchanged_tree_is_taken_once(tmp_path):
