@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.commands import table_command
 from launchers.snapshot import freeze_sweep, take_snapshot
 from launchers.sweeps import slurm
 from launchers.sweeps.spec import load_sweep
 from sweepstate.study import SweepStudy
-from tests.test_analysis import build_grid_sweep
 from tests.test_provenance import ablate, clone_checkout, edit_lr, metric_rows
 from tests.test_slurm import cluster  # noqa: F401 (the fixture)
 
@@ -161,18 +159,6 @@ def test_require_clean_refuses_a_dirty_checkout_and_writes_nothing(tmp_path):
     refused = ablate(checkout, "sweep", str(path), "--root", str(root), "--require-clean")
     assert refused.returncode == 2 and "core/train/loop.py" in refused.stderr
     assert not root.exists()
-
-
-def test_table_keeps_trials_of_different_code_apart_unless_pooled(tmp_path):
-    """Trials whose run dirs record two code hashes (as after `resume --code current`) are separate rows."""
-    study = build_grid_sweep(tmp_path)
-    finished = [t for t in study.trials() if t.run_dir is not None and t.run_dir.exists()]
-    for i, t in enumerate(finished):
-        (t.run_dir / "provenance.json").write_text(json.dumps({"code_hash": "old" if i % 2 else "new"}))
-    split = table_command("abl", tmp_path, None, None, "csv", None, "wilcoxon")
-    pooled = table_command("abl", tmp_path, None, None, "csv", None, "wilcoxon", pool_code=True)
-    assert "code" in split.splitlines()[0] and {"old", "new"} <= set(split.replace(",", " ").split())
-    assert "code" not in pooled.splitlines()[0] and len(pooled.splitlines()) < len(split.splitlines())
 
 
 @pytest.mark.usefixtures("cluster")

@@ -1,6 +1,7 @@
 """One run, start to finish: the run directory of DESIGN.md, training, test evaluation, summary.
 
-Layout written here: config.yaml (resolved), metrics.jsonl, summary.json,
+Layout written here: config.yaml (resolved), metrics.jsonl, summary.json, provenance.json and
+diff.patch (core/provenance.py),
 checkpoints/{best_model_<name>,last}.pt (one best checkpoint per entry of the family's `best_checkpoints`),
 plots/, eval/<checkpoint>.json, and whatever the family's `save` writes (e.g. splits.json).
 """
