@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.snapshot import freeze_sweep, take_snapshot
+from launchers.snapshot import CODE_ATTR, TRIAL_CODE_ATTR, freeze_sweep, take_snapshot
 from launchers.sweeps import slurm
 from launchers.sweeps.spec import load_sweep
 from sweepstate.study import SweepStudy
@@ -106,16 +106,28 @@ def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
             return running[0].run_dir
         return None
 
+    def lease_expired() -> bool:  # the killed worker's trial is recovered by the next resume
+        return all(t.heartbeat_age > 3.5 for t in study.trials() if t.state == "RUNNING")
+
     last = wait_for(lambda: last_trial_at(1), "the last trial's first epoch", timeout=300)
     kill_workers(sweep_dir)
+    wait_for(lease_expired, "the lease of the killed worker")
     assert ablate(checkout, "resume", "tiny", "--root", str(root)).returncode == 0
     wait_for(lambda: last_trial_at(2), "the retried trial's second epoch")
     kill_workers(sweep_dir)
+    wait_for(lease_expired, "the lease of the killed worker")
     resumed = ablate(checkout, "resume", "tiny", "--code", "current", "--root", str(root), "--wait")
     assert resumed.returncode == 0, resumed.stderr
+    assert "uncommitted changes" in resumed.stderr  # a dirty checkout is said, and its diff kept
     index = json.loads((sweep_dir / "code.json").read_text())
     new = index["current"]
     assert new != old and set(index["snapshots"]) == {old, new} and index["snapshots"][new]["git_dirty"]
+    assert study.storage.get_study_user_attrs(study.study_id)[CODE_ATTR] == new
+    ran = {
+        t.user_attrs["trial_key"]: t.user_attrs.get(TRIAL_CODE_ATTR)
+        for t in study.storage.get_all_trials(study.study_id)
+    }
+    assert ran[last.name] == new and {ran[k] for k in ran if k != last.name} == {old}
 
     rows = trials(checkout, root)
     done = [r for r in rows if r["state"] == "COMPLETE"]
