@@ -18,6 +18,7 @@ from analysis import plots
 from analysis.records import STATES, load_history, open_sweep, read_metrics, sweep_dir_of, sweep_runs
 from analysis.stats import STATS, TESTS
 from analysis.tables import FORMATS, ablation_table, param_importances, render, search_report
+from core.provenance import run_code
 from core.train.plots import plot_dual_losses
 from sweepstate.spec import SweepSpec
 from sweepstate.study import SweepStudy
@@ -85,10 +86,12 @@ def table_command(
     baseline: str | None,
     test: str,
     stat: str = "mean",
+    pool_code: bool = False,
 ) -> str:
     """The text `ablate table` prints: an ablation table of a grid sweep (or of a search sweep grouped
     `by` some params) of the `stat` (mean, median, iqm) over seeds, or a search sweep's top trials,
-    importances and re-run sweep. Writes nothing."""
+    importances and re-run sweep. Writes nothing. Trials that ran different code (`ablate resume
+    --code current`) are rows of their own unless `pool_code`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if test not in TESTS:
@@ -104,6 +107,9 @@ def table_command(
         body = search_report(study, runs, column, fmt)
     else:
         groups = _check_by(runs, by or sweep_axes(spec), spec)
+        if not pool_code and "run_dir" in runs:
+            runs = runs.assign(code=[run_code(d) if isinstance(d, str) else None for d in runs["run_dir"]])
+            groups = [*groups, "code"] if runs["code"].nunique() > 1 else groups
         table = ablation_table(
             runs,
             groups,

@@ -36,8 +36,9 @@ import torch
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from core.provenance import provenance
 from core.train.progress import build_model, load_videos
-from core.train.run import build_task, environment
+from core.train.run import build_task
 from launchers.config import compose_experiment
 from launchers.sweeps.local import submit_local_workers
 from launchers.sweeps.spec import load_sweep
@@ -237,8 +238,8 @@ def setup_costs(overrides: list[str]) -> dict[str, float]:
             task = build_task(cfg, Path(tmp) / when)  # data + splits + model + evaluator
             out[f"build_task, all of it ({when})"] = time.perf_counter() - t
             t = time.perf_counter()
-            environment()
-            out[f"run metadata: git, versions ({when})"] = time.perf_counter() - t
+            provenance(FIXED_EXPERIMENT, overrides)
+            out[f"run metadata: code hash, git diff, versions ({when})"] = time.perf_counter() - t
             t = time.perf_counter()
             torch.optim.Adam(task.model.parameters())
             out[f"optimiser construction ({when})"] = time.perf_counter() - t

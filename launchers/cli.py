@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reporters.append(wandb_reporter)
         print(f"run dir: {run_dir}", file=sys.stderr)
         with stop_on_signals():
-            summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task)
+            summary = run_experiment(cfg, run_dir, Reporters(reporters), task=task, overrides=args.overrides)
     except Interrupted as exc:
         again = shlex.join(["ablate", "run", args.experiment, *args.overrides, "--run-dir", str(run_dir)])
         print(f"ablate: {exc}\nresume it with: {again}", file=sys.stderr)
@@ -158,6 +158,18 @@ def _check_checkpoint(path: Path) -> None:
         raise UsageError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from exc
 
 
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from launchers.rerun import rerun, run_dir_of
+
+    root = results_root(args.root)
+    try:
+        run_dir = run_dir_of(args.target, root)
+        experiment = json.loads((run_dir / "provenance.json").read_text())["experiment"]
+        return rerun(run_dir, new_run_dir(root, experiment))  # `ablate run` prints the new run dir
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _submitter(launcher: str, spec):
     """The function submitting workers for `launcher`; resources are checked before anything is created."""
     if launcher == "slurm":
@@ -203,6 +215,7 @@ def _submit(study, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from launchers.snapshot import require_clean, use_code
     from launchers.sweeps.slurm import trial_job_outcomes
     from launchers.sweeps.spec import load_sweep
     from sweepstate.study import SweepStudy
@@ -212,7 +225,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_root(args.root)
     from_override = any(o.partition("=")[0].lstrip("+~") == "storage" for o in args.overrides)
     check_storage(spec.storage, f"{spec.path}{' (overridden)' if from_override else ''}")
-    return _submit(SweepStudy.create(spec, results_root(args.root), trial_job_outcomes), args)
+    if args.require_clean:
+        require_clean()
+    study = SweepStudy.create(spec, results_root(args.root), trial_job_outcomes)
+    use_code(study, Path(spec.path) if spec.path else None, replace=False)
+    return _submit(study, args)
 
 
 def _open(args: argparse.Namespace):
@@ -234,7 +251,11 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _submit(_open(args), args)
+    from launchers.snapshot import use_code
+
+    study = _open(args)
+    use_code(study, None, replace=args.code == "current")
+    return _submit(study, args)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -250,6 +271,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             args.baseline,
             args.test,
             args.stat,
+            args.pool_code,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -343,8 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="create or continue a sweep and submit its workers")
     sw.add_argument("sweep", help="a name in sweeps/ or a path to a sweep .yaml")
     sw.add_argument("overrides", nargs="*", help="overrides of the sweep file, e.g. search.n_trials=8")
+    sw.add_argument(
+        "--require-clean",
+        action="store_true",
+        help="refuse a checkout with uncommitted changes",
+    )
     rs = sub.add_parser("resume", help="submit workers for what is left of a sweep")
     rs.add_argument("sweep", help="the sweep's name")
+    rs.add_argument(
+        "--code",
+        choices=["sweep", "current"],
+        default="sweep",
+        help="code the new workers run: the sweep's snapshot (default) or a new one of this checkout",
+    )
     for q in (sw, rs):
         q.add_argument(
             "--launcher",
@@ -380,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="aggregate over seeds (iqm: rliable's)",
     )
+    tb.add_argument(
+        "--pool-code", action="store_true", help="pool trials that ran different code into one row"
+    )
     tb.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     tb.set_defaults(func=cmd_table)
 
@@ -412,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--dry-run", action="store_true", help="list the offline runs and what would be uploaded")
     sy.add_argument("--root", help="results root (default: $ABLATE_ROOT or ./runs)")
     sy.set_defaults(func=cmd_sync)
+
+    rr = sub.add_parser("rerun", help="run a recorded run again with its code, config and seed")
+    rr.add_argument("target", help="a run directory, or SWEEP:TRIAL_KEY")
+    rr.add_argument("--root", help="results root for the new run (default: $ABLATE_ROOT or ./runs)")
+    rr.set_defaults(func=cmd_rerun)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its own test split")
     e.add_argument("run_dir")

@@ -1,17 +1,15 @@
 """One run, start to finish: the run directory of DESIGN.md, training, test evaluation, summary.
 
-Layout written here: config.yaml (resolved), metrics.jsonl, summary.json,
+Layout written here: config.yaml (resolved), metrics.jsonl, summary.json, provenance.json and
+diff.patch (core/provenance.py),
 checkpoints/{best_model_<name>,last}.pt (one best checkpoint per entry of the family's `best_checkpoints`),
 plots/, eval/<checkpoint>.json, and whatever the family's `save` writes (e.g. splits.json).
 """
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.atomic import atomic_write_json, atomic_write_text
+from core.provenance import DIFF_FILE, PROVENANCE_FILE, provenance
 from core.train.checkpoint import load_checkpoint
 from core.train.distributed import context_from_env, init_process_group
 from core.train.families import family_module
@@ -37,31 +36,27 @@ def checkpoint_names(cfg: DictConfig) -> list[str]:
 _PACKAGES = ("ablate", "torch", "numpy", "hydra-core", "omegaconf", "optuna", "submitit", "wandb", "pandas")
 
 
-def environment() -> dict[str, Any]:
-    """Git commit and package versions, saved with every run so a number can be traced to its code."""
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    status = git("status", "--porcelain", "--untracked-files=no")
+def environment(record: dict[str, Any]) -> dict[str, Any]:
+    """The summary's short view of a run's provenance record (the full one is provenance.json)."""
     return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "packages": versions,
+        "code_hash": record["code_hash"],
+        "git_commit": record["git_commit"],
+        "git_dirty": record["git_dirty"],
+        "snapshot": record["snapshot"],
+        "python": record["python"],
+        "host": record["host"],
+        "gpu": record["gpu"],
+        "packages": {name: record["packages"].get(name) for name in _PACKAGES},
     }
+
+
+def write_provenance(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """provenance.json and diff.patch of this start of the run (a resume rewrites them: same code
+    when it runs from its sweep's snapshot)."""
+    record, diff = provenance(cfg.experiment_name, overrides)
+    atomic_write_text(run_dir / DIFF_FILE, diff)
+    atomic_write_json(run_dir / PROVENANCE_FILE, record)
+    return record
 
 
 def gpus_used(device: torch.device) -> int:
@@ -111,10 +106,15 @@ def evaluate_run(run_dir: Path, checkpoint: str | None = None, task: Task | None
 
 
 def run_experiment(
-    cfg: DictConfig, run_dir: Path, reporter: Reporter | None = None, task: Task | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    task: Task | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir` and write its summary; returns the summary.
 
+    `overrides`: those `cfg` was composed with, recorded in provenance.json for `ablate rerun`.
     Pass a `task` already built by `build_task` to check data before anything else is set up. Under a
     data-parallel launch (RANK / WORLD_SIZE in the environment: submitit's tasks, torchrun) every rank
     trains; only rank 0 writes the run directory, evaluates and reports."""
@@ -131,13 +131,14 @@ def run_experiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     task.save(run_dir)
+    record = write_provenance(cfg, run_dir, list(overrides or []))
     summary: dict[str, Any] = {
         "experiment": cfg.experiment_name,
         "family": cfg.family,
         "run_dir": str(run_dir),
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "environment": {**environment(), "gpus": gpus_used(task.device), "ranks": ctx.world_size},
+        "environment": {**environment(record), "gpus": gpus_used(task.device), "ranks": ctx.world_size},
     }
     atomic_write_json(run_dir / "summary.json", summary)
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 import submitit
 
 from core.atomic import atomic_write_json
+from launchers.snapshot import snapshot_setup, sweep_code
 from launchers.sweeps.worker import run_worker
 
 WEEK_MIN = 7 * 24 * 60  # submitit's local default kills a job after 2 minutes
@@ -41,9 +42,12 @@ def record_jobs(
 
 def submit_local_workers(sweep_dir: Path, n: int) -> list[submitit.Job]:
     """Start `n` workers draining the sweep in `sweep_dir`; their job ids are recorded in jobs.json."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Path(sweep_dir).resolve()  # the workers start in the sweep's code snapshot
     executor = submitit.AutoExecutor(folder=sweep_dir / "workers", cluster="local")
-    executor.update_parameters(timeout_min=WEEK_MIN)
+    code = sweep_code(sweep_dir)
+    executor.update_parameters(
+        timeout_min=WEEK_MIN, **({"local_setup": snapshot_setup(code)} if code else {})
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = [f"local-{stamp}-{i}" for i in range(n)]
     jobs = [executor.submit(run_worker, sweep_dir, name) for name in names]

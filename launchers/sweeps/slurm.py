@@ -166,10 +166,13 @@ def submit_slurm_workers(sweep_dir: Path, n: int, resources: Mapping[str, Any]) 
     """Submit `n` workers for the sweep in `sweep_dir` as job arrays (split at MaxArraySize); `resources`
     come from `slurm_resources`. Job ids ("<array>_<task>") are recorded in jobs.json."""
     # imported here: the worker and the study import this module's job accounting
+    from launchers.snapshot import snapshot_setup, sweep_code
     from launchers.sweeps.local import record_jobs
     from launchers.sweeps.worker import run_worker
 
     sweep_dir = Path(sweep_dir).resolve()  # the job's working directory may differ
+    if (code := sweep_code(sweep_dir)) is not None:  # the job imports the sweep's code snapshot
+        resources = {**resources, "slurm_setup": [*resources.get("slurm_setup", []), *snapshot_setup(code)]}
     executor = submitit.AutoExecutor(folder=sweep_dir / "workers", cluster="slurm")
     executor.update_parameters(name=f"ablate-{sweep_dir.name}", **resources)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from core.provenance import run_code
 from launchers.sweeps.local import submitted_jobs
 from launchers.sweeps.slurm import JobState, job_states
 from sweepstate.study import SweepStudy, TrialRecord
@@ -157,11 +158,12 @@ def format_status(study: SweepStudy) -> str:
                 t.seed,
                 t.value,
                 None if t.last_epoch is None else t.last_epoch + 1,
+                run_code(t.run_dir),
                 _params(t),
             ]
             for t in finished
         ]
-        out.append(_table(["trial", "state", "seed", spec.metric, "epochs", "params"], rows))
+        out.append(_table(["trial", "state", "seed", spec.metric, "epochs", "code", "params"], rows))
     arrays = jobs.arrays()
     if arrays:
         out += ["", "slurm workers:"]
@@ -199,6 +201,7 @@ def status_json_lines(study: SweepStudy) -> str:
                     "last_value": t.last_value,
                     "last_epoch": t.last_epoch,
                     "attempt": t.attempt,
+                    "code": run_code(t.run_dir),
                     "reason": t.reason,
                     "worker": t.worker,
                     "job_id": job_id,

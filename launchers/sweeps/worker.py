@@ -39,6 +39,7 @@ from core.train.loop import Interrupted, Pruned
 from core.train.run import run_experiment
 from core.train.signals import stop_on_signals, stop_requested
 from launchers.config import compose_experiment
+from launchers.snapshot import TRIAL_CODE_ATTR, running_code
 from launchers.sweeps.slurm import current_job_id, trial_job_outcomes
 from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 from sweepstate.storage import StorageUnavailable
@@ -148,7 +149,7 @@ def _train(study: SweepStudy, claim: Claim, lease: Lease) -> dict[str, Any]:
             )
             reporters.append(wandb_reporter)
         reporters.append(TrialReporter(claim, spec.metric, lease))
-        summary = run_experiment(cfg, claim.run_dir, Reporters(reporters))
+        summary = run_experiment(cfg, claim.run_dir, Reporters(reporters), overrides=claim.overrides)
     finally:
         if wandb_reporter is not None:
             wandb_reporter.finish(
@@ -162,6 +163,7 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
     INTERRUPTED when a stop signal made it give the trial back)."""
     metric = study.spec.metric
     log(worker, f"trial {claim.number} (attempt {claim.attempt}) {claim.key}: {' '.join(claim.overrides)}")
+    claim.trial.set_user_attr(TRIAL_CODE_ATTR, running_code())  # the code this trial runs, for the tables
     with Lease(study, claim, worker) as lease:
         try:
             summary = _train(study, claim, lease)
