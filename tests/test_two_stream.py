@@ -84,6 +84,19 @@ def test_appearance_z_score_uses_the_unbiased_std_under_the_clamp():
     assert abs(float(biased[0, 0, 1, 0]) - 11 / 13) > 4e-3
 
 
+def test_the_encoder_uses_the_configured_sobel_border():
+    img_t, img_tk = pair(b=1)
+    seen = {}
+    for border in ("zeros", "replicate"):
+        model = tiny(sobel_border=border)
+        model.encoder.vit.register_forward_hook(lambda m, args, out, b=border: seen.update({b: args[1]}))
+        model(img_t, img_tk)
+    torch.testing.assert_close(seen["zeros"], appearance_stream(img_t))
+    torch.testing.assert_close(seen["replicate"], appearance_stream(img_t, border="replicate"))
+    with pytest.raises(ValueError, match="sobel_border"):
+        tiny(sobel_border="reflect")
+
+
 def test_appearance_gradients_point_along_an_edge():
     img = torch.zeros(1, 3, 8, 8)
     img[..., 4:] = 1.0  # dark left half, bright right half: a vertical edge
