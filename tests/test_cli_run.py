@@ -42,6 +42,7 @@ def test_run_writes_the_run_directory(finished_run):
     assert summary["status"] == "completed" and summary["epochs_run"] == 2
     assert summary["environment"]["packages"]["torch"].startswith("2.")
     assert "git_commit" in summary["environment"]
+    assert summary["splits"]["video_progress_gt"] == "release"  # the ground truth `ogpe` was scored against
     for key in (
         "test/ogpe",
         "test/ogpe_action",

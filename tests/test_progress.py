@@ -73,9 +73,55 @@ def gen(seed: int) -> torch.Generator:
 
 # ---------------------------------------------------------------------------------------- metrics
 def test_true_progress_hand_example() -> None:
-    expected = [0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # K = 2: 'a' (4 frames) is linspace(0, 1/2, 4), 'b' (2 frames) linspace(1/2, 1, 2); background holds
+    expected = [0, 0, 0, 1 / 6, 1 / 3, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0]
     torch.testing.assert_close(true_progress(TIMES, 12, dtype=torch.float64), torch.tensor(expected).double())
     torch.testing.assert_close(true_progress_loop(TIMES, 12), torch.tensor(expected).double())
+    completed = [0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0, 1.0]  # the earlier definition
+    got = true_progress(TIMES, 12, definition="completed_frames", dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(completed).double())
+    with pytest.raises(ValueError, match="definition"):
+        true_progress(TIMES, 12, definition="linear")
+
+
+# back-to-back actions, a one-frame action ('b') and background between actions; K = 4
+BACK_TO_BACK = {
+    "step": ["a", "b", "c", "SIL", "d"],
+    "start_frame": [0, 3, 4, 6, 7],
+    "end_frame": [2, 3, 5, 6, 9],
+    "name": "b2b",
+}
+# the same video as the release's JSON stores it: each segment ends on the next one's first frame
+SHARED = {**BACK_TO_BACK, "end_frame": [3, 4, 6, 7, 9]}
+
+
+def test_true_progress_back_to_back_and_one_frame_actions() -> None:
+    # a: linspace(0, .25, 3); b: linspace(.25, .5, 1) = [.25] (stays at prev); c: linspace(.5, .75, 2);
+    # SIL holds .75; d: linspace(.75, 1, 3)
+    release = [0, 0.125, 0.25, 0.25, 0.5, 0.75, 0.75, 0.75, 0.875, 1.0]
+    got = true_progress(BACK_TO_BACK, 10, dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(release).double())
+    torch.testing.assert_close(true_progress_loop(BACK_TO_BACK, 10), torch.tensor(release).double())
+    completed = [1 / 12, 2 / 12, 3 / 12, 0.5, 0.625, 0.75, 0.75, 5 / 6, 11 / 12, 1.0]
+    got = true_progress(BACK_TO_BACK, 10, definition="completed_frames", dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(completed).double())
+
+
+def test_ground_truth_on_a_release_record_with_shared_boundary_frames() -> None:
+    # the release writes the segments in order: a = linspace(0, .25, 4) on 0..3, then b overwrites
+    # frame 3 with .25 and writes .5 on 4, c overwrites 4 with .5 (.625, .75 on 5, 6), SIL copies
+    # frame 5 onto 6..7, d writes .75, .875, 1 on 7..9
+    release = [0, 1 / 12, 2 / 12, 0.25, 0.5, 0.625, 0.625, 0.75, 0.875, 1.0]
+    torch.testing.assert_close(true_progress(SHARED, 10, dtype=torch.float64), torch.tensor(release).double())
+    torch.testing.assert_close(true_progress_loop(SHARED, 10), torch.tensor(release).double())
+    # per action (the fork's arange(1, L + 1) / L over the declared L, the later segment owning the frame)
+    per_action = [0.25, 0.5, 0.75, 0.5, 1 / 3, 2 / 3, 0, 1 / 3, 2 / 3, 1.0]
+    got = true_progress_per_action(SHARED, 10, dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(per_action).double())
+    torch.testing.assert_close(true_progress_per_action_loop(SHARED, 10), torch.tensor(per_action).double())
+    overlapping = {**SHARED, "end_frame": [4, 4, 6, 7, 9]}  # 'a' runs past 'b''s first frame
+    with pytest.raises(ValueError, match="shared boundary frame"):
+        true_progress(overlapping, 10)
 
 
 def test_true_progress_per_action_hand_example() -> None:
@@ -90,9 +136,17 @@ def test_ground_truth_matches_loop_on_random_annotations(seed: int) -> None:
     rng = np.random.default_rng(seed)
     T = int(rng.integers(1, 80))
     times = random_times(rng, T)
-    torch.testing.assert_close(true_progress(times, T, dtype=torch.float64), true_progress_loop(times, T))
+    for definition in ("release", "completed_frames"):
+        got = true_progress(times, T, definition=definition, dtype=torch.float64)
+        torch.testing.assert_close(got, true_progress_loop(times, T, definition))
     torch.testing.assert_close(
         true_progress_per_action(times, T, dtype=torch.float64), true_progress_per_action_loop(times, T)
+    )
+    # as the release stores it: every segment but the last ends on the next one's first frame
+    shared = {**times, "end_frame": [*times["start_frame"][1:], times["end_frame"][-1]]}
+    torch.testing.assert_close(true_progress(shared, T, dtype=torch.float64), true_progress_loop(shared, T))
+    torch.testing.assert_close(
+        true_progress_per_action(shared, T, dtype=torch.float64), true_progress_per_action_loop(shared, T)
     )
 
 
@@ -515,6 +569,26 @@ def test_evaluator_reports_where_a_constant_head_fails() -> None:
     assert cal["const"] == [0.5] * 10 and cal["n_actions"] == ref_truth["bin_actions"]
     assert [len(c.truth) for c in result.curves] == [20, 3, 11]
     json.dumps(cal, allow_nan=False)  # plain JSON: empty bins would be None, not NaN
+
+
+def test_evaluator_scores_video_level_ogpe_against_the_named_ground_truth() -> None:
+    evaluator, test = _eval_setup(None)
+    # unit-speed frames; the video normaliser is the training videos' mean final distance, 19
+    pred = [np.arange(v.num_frames) / 19 for v in test]
+
+    def expected(definition: str) -> float:
+        gts = [true_progress_loop(v.times, v.num_frames, definition).numpy() for v in test]
+        return float(np.mean([np.abs(g - p).mean() for g, p in zip(gts, pred, strict=True)]))
+
+    assert evaluator.video_gt == "release"
+    release = evaluator.evaluate(test).metrics["ogpe"]
+    assert release == pytest.approx(expected("release"), abs=1e-6)
+    evaluator.video_gt = "completed_frames"
+    completed = evaluator.evaluate(test).metrics["ogpe"]
+    assert completed == pytest.approx(expected("completed_frames"), abs=1e-6)
+    assert abs(release - completed) > 1e-3
+    with pytest.raises(ValueError, match="video_gt"):
+        ProgressEvaluator(evaluator.source, evaluator.train_videos, video_gt="linear")
 
 
 def test_evaluator_without_head_scores_the_cumulative_prediction() -> None:

@@ -8,8 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.metrics.segmentation import ari, masks_to_labels, mbo, random_mask_baseline, video_ari
-from tests.reference.segmentation import ari_contingency_loop, ari_pairs_loop, mbo_loop, video_ari_loop
+from core.metrics.segmentation import (
+    ari,
+    hungarian_miou,
+    masks_to_labels,
+    mbo,
+    random_mask_baseline,
+    video_ari,
+)
+from tests.reference.segmentation import (
+    ari_contingency_loop,
+    ari_pairs_loop,
+    hungarian_miou_loop,
+    mbo_loop,
+    video_ari_loop,
+)
 
 
 def _labels(gen: torch.Generator, shape: tuple[int, ...], n_labels: int, values: list[int] | None = None):
@@ -228,6 +241,71 @@ def test_mbo_matches_loop_reference() -> None:
     assert got[0].item() > got[1:].max().item()
 
 
+def test_mbo_with_the_background_as_an_object() -> None:
+    # the hand example above; background (8 px) vs the prediction's label 0 (6 px): 4 shared, IoU 4/10,
+    # its best (label 5: 2/12, label 6: 2/10)
+    true = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    true[0, 0, :2, :2] = 1
+    true[0, 0, 3, :] = 2
+    pred = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    pred[0, 0, :2, :3] = 5
+    pred[0, 0, 2:, :2] = 6
+    got = mbo(true, pred, include_background=True).item()
+    assert got == pytest.approx((4 / 6 + 2 / 6 + 4 / 10) / 3, abs=1e-15)
+    assert got == pytest.approx(mbo_loop(true[0].tolist(), pred[0].tolist(), include_background=True))
+    only_background = torch.zeros(1, 1, 2, 2, dtype=torch.long)
+    assert math.isnan(mbo(only_background, only_background).item())
+    assert mbo(only_background, only_background, include_background=True).item() == 1.0
+
+
+def test_hungarian_miou_matches_each_segment_to_one_object() -> None:
+    # objects 1 (2 px) and 2 (4 px); segment 7 covers 5 px. Both objects' best segment is 7 (IoU 2/5 and
+    # 3/6), so mBO = 0.45; one-to-one, 1 -> 7 and 2 -> 8 (1/4) sum to 0.65 > 3/6 + 0: mIoU 0.325
+    true = torch.tensor([1, 1, 2, 2, 2, 2]).view(1, 1, 1, 6)
+    pred = torch.tensor([7, 7, 7, 7, 7, 8]).view(1, 1, 1, 6)
+    assert mbo(true, pred).item() == pytest.approx(0.45, abs=1e-15)
+    assert hungarian_miou(true, pred).item() == pytest.approx(0.325, abs=1e-15)
+    # one segment for two objects: the better one takes it, the other scores 0
+    single = torch.full_like(pred, 7)
+    assert mbo(true, single).item() == pytest.approx(0.5, abs=1e-15)
+    assert hungarian_miou(true, single).item() == pytest.approx((4 / 6) / 2, abs=1e-15)
+    assert hungarian_miou(true, true + 1).item() == 1.0
+    assert math.isnan(hungarian_miou(torch.zeros_like(true), pred).item())
+
+
+def test_ignored_pixels_count_in_neither_partition() -> None:
+    # pixel 2 is unlabelled (255): without it the prediction is perfect
+    true = torch.tensor([1, 1, 255, 2]).view(1, 1, 1, 4)
+    pred = torch.tensor([5, 5, 5, 6]).view(1, 1, 1, 4)
+    for metric in (mbo, hungarian_miou):
+        assert metric(true, pred, ignore_label=255).item() == 1.0
+        assert metric(true, pred).item() < 0.9  # 255 read as an object, and segment 5 grown by a pixel
+    assert video_ari(true, pred, ignore_label=255).item() == 1.0
+    assert video_ari(true, pred, foreground_only=True, ignore_label=255).item() == 1.0
+    assert video_ari(true, pred).item() < 0.9
+
+
+def test_mbo_miou_and_ari_options_match_loop_references() -> None:
+    gen = torch.Generator().manual_seed(12)
+    true = _labels(gen, (4, 2, 3, 4), 5, values=[0, 0, 2, 3, 99])  # 99: unlabelled
+    pred = _labels(gen, (4, 2, 3, 4), 4)
+    pred[0] = torch.where(torch.rand(2, 3, 4, generator=gen) < 0.7, true[0], pred[0])
+    for include_background in (False, True):
+        for ignore_label in (None, 99):
+            kw = dict(include_background=include_background, ignore_label=ignore_label)
+            for metric, loop in ((mbo, mbo_loop), (hungarian_miou, hungarian_miou_loop)):
+                got = metric(true, pred, **kw)
+                expected = [loop(true[b].tolist(), pred[b].tolist(), **kw) for b in range(4)]
+                torch.testing.assert_close(
+                    got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12
+                )
+                assert (hungarian_miou(true, pred, **kw) <= mbo(true, pred, **kw) + 1e-12).all()
+    for foreground_only in (False, True):
+        got = video_ari(true, pred, foreground_only=foreground_only, ignore_label=99)
+        expected = [video_ari_loop(true[b].tolist(), pred[b].tolist(), foreground_only, 99) for b in range(4)]
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- hard masks and baselines
 
 
@@ -239,6 +317,14 @@ def test_masks_to_labels_upsamples_then_takes_the_argmax() -> None:
     # at 2x, each pixel's nearest patch has the largest bilinear weight (9/16)
     up = low.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
     assert torch.equal(masks_to_labels(soft, (8, 8)), up)
+
+
+@pytest.mark.parametrize("bad", [-0.25, 1.5, math.nan])
+def test_masks_to_labels_refuses_values_outside_0_1(bad: float) -> None:
+    soft = torch.full((1, 1, 2, 2, 2), 0.5)
+    soft[0, 0, 1, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        masks_to_labels(soft, (4, 4))
 
 
 def test_random_blob_baseline_is_seeded_static_and_in_range() -> None:

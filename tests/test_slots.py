@@ -1,6 +1,7 @@
 """The slots family: ViT backbone loading, slot model, SlotContrast losses, strategies, runs and resume."""
 
 import json
+import math
 import re
 
 import pytest
@@ -182,6 +183,24 @@ def test_contrastive_loss_matches_loop_reference_values_and_gradients(batch_cont
     (g_fast,) = torch.autograd.grad(fast, slots)
     (g_slow,) = torch.autograd.grad(slow, slots)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-9, atol=1e-12)
+
+
+def test_contrastive_softmax_runs_over_the_slots_at_t_as_in_the_reference():
+    # s_t = (e1, e2, e3), s_t+1 = (e1, e1, e3): ss = [[1, 1, 0], [0, 0, 0], [0, 0, 1]] at tau = 1, not
+    # symmetric. Reference (CrossEntropyLoss over dim 1): column j's softmax over i, target i = j:
+    # (log(e + 2) - 1) + log(e + 2) + (log(e + 2) - 1), / 3. The transposed reading (row i's softmax over
+    # j) would give (log(2e + 1) - 1 + log 3 + log(e + 2) - 1) / 3 = 0.8373 instead of 0.8847.
+    e = torch.eye(3, dtype=torch.float64)
+    slots = torch.stack([e, e[[0, 0, 2]]])[None]  # (1, 2, 3, 3)
+    expected = math.log(math.e + 2) - 2 / 3
+    transposed = (math.log(2 * math.e + 1) + math.log(3) + math.log(math.e + 2) - 2) / 3
+    loss = slot_contrastive_loss(slots, 1.0, batch_contrast=False)
+    assert float(loss) == pytest.approx(expected, abs=1e-12)
+    assert abs(expected - transposed) > 0.04
+    assert float(slot_contrastive_reference(slots, 1.0, False)) == pytest.approx(expected, abs=1e-12)
+    # pooled over a batch of two copies, every column sees each candidate twice: one more log 2 per term
+    pooled = slot_contrastive_loss(slots.expand(2, -1, -1, -1), 1.0, batch_contrast=True)
+    assert float(pooled) == pytest.approx(expected + math.log(2), abs=1e-12)
 
 
 def test_contrastive_loss_rewards_slots_that_keep_their_identity():

@@ -27,22 +27,83 @@ def pair(b: int = 2, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch
     return torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
 
 
-def test_streams_match_loop_references():
+@pytest.mark.parametrize(("border", "unbiased_std"), [("zeros", True), ("replicate", False)])
+def test_streams_match_loop_references(border, unbiased_std):
     img_t, img_tk = (x.double() for x in pair(b=2, size=9))
-    p, m = appearance_stream(img_t), motion_stream(img_t, img_tk)
+    img_t[1, :, 3:6, 3:6] = 1.0  # a saturated patch: the +-3 clamp is active, so the std matters
+    p, m = appearance_stream(img_t, border, unbiased_std), motion_stream(img_t, img_tk)
     assert p.shape == (2, 5, 9, 9) and m.shape == (2, 4, 9, 9)
     for b in range(2):
-        torch.testing.assert_close(p[b], appearance_stream_loop(img_t[b]), rtol=1e-9, atol=1e-10)
+        ref = appearance_stream_loop(img_t[b], border, unbiased_std)
+        torch.testing.assert_close(p[b], ref, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(m[b], motion_stream_loop(img_t[b], img_tk[b]), rtol=1e-12, atol=1e-12)
     assert p[:, :2].abs().amax((1, 2, 3)).max() <= 1.0  # gradients scaled by the largest magnitude
+
+
+def test_appearance_defaults_are_the_references_zero_padding_and_unbiased_std():
+    p = appearance_stream(pair(b=1, size=9)[0].double())
+    torch.testing.assert_close(p, appearance_stream_loop(p[0, 2:])[None], rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="border"):
+        appearance_stream(p[:, 2:], border="reflect")
+
+
+def test_appearance_sobel_pads_with_zeros_on_a_4x4_edge():
+    # luminance 0 | 1 in two column halves; z = -a | a. With zero padding the border columns see the
+    # zeros outside (dx = -3a on the corner rows, -4a inside) and the top/bottom rows see a vertical
+    # step (dy); the largest magnitude is 8a (interior), so everything is divided by 8a.
+    img = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    img[..., 2:] = 1.0
+    edge = torch.tensor([-3.0, 6.0, 6.0, -3.0]) / 8
+    inner = torch.tensor([-0.5, 1.0, 1.0, -0.5])
+    dx = torch.stack([edge, inner, inner, edge]).double()
+    top = torch.tensor([-3.0, -2.0, 2.0, 3.0]) / 8
+    dy = torch.stack([top, torch.zeros(4), torch.zeros(4), -top]).double()
+    p = appearance_stream(img)
+    torch.testing.assert_close(p[0, 0], dx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p[0, 1], dy, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p[0, 2:], img[0])
+    # replicated borders (the named alternative) see no edge but the real one
+    p = appearance_stream(img, border="replicate")
+    torch.testing.assert_close(p[0, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]).double().expand(4, 4))
+    assert p[0, 1].abs().max() == 0
+
+
+def test_appearance_z_score_uses_the_unbiased_std_under_the_clamp():
+    # one bright pixel at (1, 1) of a dark 4x4 image: mean 1/16, unbiased std exactly 1/4, so the dark
+    # pixels score d = -1/4 and the bright one 15/4, clamped to 3. Largest magnitude: |dx(1, 2)| =
+    # 6 - 2d; dx(1, 0) = 6 + 2d (zero padding), so dx(1, 0) = 5.5 / 6.5 = 11/13. The biased std
+    # (sqrt(15)/16) gives d = -0.2582 and 0.8415 instead.
+    img = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    img[..., 1, 1] = 1.0
+    p = appearance_stream(img)
+    assert float(p[0, 0, 1, 0]) == pytest.approx(11 / 13, abs=1e-5)
+    assert float(p[0, 0, 1, 2]) == pytest.approx(-1.0, abs=1e-12)
+    d = -(1 / 16) / (15**0.5 / 16)
+    biased = appearance_stream(img, unbiased_std=False)
+    assert float(biased[0, 0, 1, 0]) == pytest.approx((6 + 2 * d) / (6 - 2 * d), abs=1e-5)
+    assert abs(float(biased[0, 0, 1, 0]) - 11 / 13) > 4e-3
+
+
+def test_the_encoder_uses_the_configured_sobel_border():
+    img_t, img_tk = pair(b=1)
+    seen = {}
+    for border in ("zeros", "replicate"):
+        model = tiny(sobel_border=border)
+        model.encoder.vit.register_forward_hook(lambda m, args, out, b=border: seen.update({b: args[1]}))
+        model(img_t, img_tk)
+    torch.testing.assert_close(seen["zeros"], appearance_stream(img_t))
+    torch.testing.assert_close(seen["replicate"], appearance_stream(img_t, border="replicate"))
+    with pytest.raises(ValueError, match="sobel_border"):
+        tiny(sobel_border="reflect")
 
 
 def test_appearance_gradients_point_along_an_edge():
     img = torch.zeros(1, 3, 8, 8)
     img[..., 4:] = 1.0  # dark left half, bright right half: a vertical edge
     p = appearance_stream(img)
-    assert p[0, 0, :, 3:5].min() > 0.4 and p[0, 0, :, :2].abs().max() == 0  # dx only at the edge
-    assert p[0, 1].abs().max() < 1e-6  # no vertical change
+    inside = p[0, :, 1:-1, 1:-1]  # away from the zero-padded border
+    assert inside[0, :, 2:4].min() > 0.4 and inside[0, :, :1].abs().max() == 0  # dx only at the edge
+    assert inside[1].abs().max() < 1e-6  # no vertical change
     torch.testing.assert_close(p[0, 2:], img[0])
 
 

@@ -5,6 +5,11 @@ A `times` record lists contiguous, temporally ordered segments (`step`, inclusiv
 no function loops over frames. Frames are clamped to the video as the release does, except that a
 segment starting beyond the last frame is dropped instead of collapsing onto it (the loader drops
 such segments too); frames no segment covers count as background.
+
+Consecutive segments may share their boundary frame (`end_i == start_{i+1}`), as the release's JSON
+stores them: the release writes segments in order, so the later segment owns the shared frame, and
+so do the functions here. (The loader reads the JSON as half-open instead, so its records never
+share frames.)
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from core.data.video import is_background
 class _FrameSegments(NamedTuple):
     """Per-frame view of a `times` record clipped to a video of T frames."""
 
-    seg_id: Tensor  # (T,) long, segment covering the frame (0 where uncovered)
+    seg_id: Tensor  # (T,) long, segment owning the frame (the later one on a shared frame; 0 if none)
     offset: Tensor  # (T,) long, frame index inside its segment (0-based)
-    length: Tensor  # (T,) long, length of the frame's segment (1 where uncovered)
+    length: Tensor  # (T,) long, declared length of the frame's segment (1 where uncovered)
     action: Tensor  # (T,) bool, frame lies in a non-background segment
-    finished: Tensor  # (T,) long, number of action segments that ended before the frame
+    actions_before: Tensor  # (T,) long, action segments before the frame's own (all before t if uncovered)
     starts: Tensor  # (S,) long
     lengths: Tensor  # (S,) long
     is_action: Tensor  # (S,) bool
@@ -43,8 +48,10 @@ def _frame_segments(
         labels = [lab for lab, k in zip(labels, keep.tolist(), strict=True) if k]
         starts, ends = starts[keep], ends[keep]
     starts, ends = starts.clamp(min=0), ends.clamp(max=T - 1)
-    if starts.numel() > 1 and not bool((starts[1:] > ends[:-1]).all()):
-        raise ValueError("times segments must be in temporal order and must not overlap")
+    if starts.numel() > 1 and not bool(((starts[1:] >= ends[:-1]) & (starts[1:] > starts[:-1])).all()):
+        raise ValueError(
+            "times segments must be in temporal order and overlap at most by a shared boundary frame"
+        )
     lengths = ends - starts + 1
     is_action = torch.tensor([not is_background(lab) for lab in labels], dtype=torch.bool, device=device)
     frame = torch.arange(T, device=device)
@@ -53,30 +60,55 @@ def _frame_segments(
         return _FrameSegments(
             zeros, zeros, zeros + 1, zeros.bool(), zeros, starts, lengths, is_action, labels
         )
+    # the last segment starting at or before t owns t: on a shared frame, the later segment
     seg_id = (torch.searchsorted(starts, frame, right=True) - 1).clamp(min=0)
     covered = (frame >= starts[seg_id]) & (frame <= ends[seg_id])
     action = covered & is_action[seg_id]
     offset = torch.where(covered, frame - starts[seg_id], 0)
     length = torch.where(covered, lengths[seg_id], 1)
-    # action ends are increasing, so "actions finished before t" is a sorted search
-    finished = torch.searchsorted(ends[is_action], frame, right=False)
-    return _FrameSegments(seg_id, offset, length, action, finished, starts, lengths, is_action, labels)
+    before = torch.cumsum(is_action.long(), 0) - is_action.long()  # (S,) action segments before each
+    after_own = before[seg_id] + (is_action[seg_id] & (frame > ends[seg_id])).long()  # uncovered: past it
+    actions_before = torch.where(frame < starts[0], 0, after_own)
+    return _FrameSegments(seg_id, offset, length, action, actions_before, starts, lengths, is_action, labels)
+
+
+VIDEO_PROGRESS_GT = ("release", "completed_frames")
 
 
 def true_progress(
     times: Mapping[str, Any],
     T: int,
     *,
+    definition: str = "release",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Video-level ground truth: each of the K actions advances progress by 1/K; background holds it."""
+    """Video-level ground truth: each of the K actions advances progress by 1/K; background holds it.
+
+    `definition="release"` (default) is the release's `get_trueprogress`, the ground truth behind the
+    paper's OPE: an action of L frames is `linspace(prev, prev + 1/K, L)`, so its first frame holds the
+    previous value, its last reaches prev + 1/K and a one-frame action stays at prev; background copies
+    the frame before it. `"completed_frames"` (this project's earlier reading) counts frame t as done:
+    prev + (offset + 1) / (K L). They differ by up to 1/(K L) per frame, enough to move video-level
+    OGPE, so a run records which one it used."""
+    if definition not in VIDEO_PROGRESS_GT:
+        raise ValueError(f"definition must be one of {VIDEO_PROGRESS_GT}, got {definition!r}")
     fs = _frame_segments(times, T, device)
     K = int(fs.is_action.sum())
     if K == 0:
         return torch.zeros(T, dtype=dtype, device=device)
-    within = torch.where(fs.action, (fs.offset + 1).to(dtype) / fs.length.to(dtype), 0.0)
-    return (fs.finished.to(dtype) + within) / K  # (T,)
+    prev = fs.actions_before.to(dtype)
+    if definition == "completed_frames":
+        within = torch.where(fs.action, (fs.offset + 1).to(dtype) / fs.length.to(dtype), 0.0)
+        return (prev + within) / K  # (T,)
+    within = fs.offset.to(dtype) / (fs.length - 1).clamp(min=1).to(dtype)  # linspace(0, 1, L); L = 1: 0
+    value = (prev + within) / K  # (T,) right on action frames
+    # background: the value of the last action frame before the segment (the release copies the frame
+    # before the segment's start, itself a held value if background); 0 before the first action
+    frame = torch.arange(T, device=value.device)
+    last_action = torch.where(fs.action, frame, -1).cummax(0).values  # (T,)
+    held = torch.where(last_action >= 0, value[last_action.clamp(min=0)], 0.0)
+    return torch.where(fs.action, value, held)
 
 
 def true_progress_per_action(
@@ -86,7 +118,11 @@ def true_progress_per_action(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Action-level ground truth: 1/L, 2/L, ..., 1 inside each action of length L; background 0."""
+    """Action-level ground truth: 1/L, 2/L, ..., 1 inside each action of length L; background 0.
+
+    On a record with shared boundary frames, L is the declared length and the later segment owns the
+    shared frame, as in the fork's `get_trueprogress_per_action` (an earlier action then stops at
+    (L - 1) / L)."""
     fs = _frame_segments(times, T, device)
     return torch.where(fs.action, (fs.offset + 1).to(dtype) / fs.length.to(dtype), 0.0)  # (T,)
 

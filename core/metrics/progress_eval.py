@@ -19,6 +19,7 @@ from core.metrics.progress import (
     EARLY,
     END,
     MID,
+    VIDEO_PROGRESS_GT,
     action_cumulative_progress,
     calibration_bins,
     cumulative_distance,
@@ -86,9 +87,15 @@ def _actions(times: dict, T: int | None = None) -> list[tuple[str, int, int]]:
 
 
 class ProgressEvaluator:
-    def __init__(self, source: EmbeddingSource, train_videos: list[Video]) -> None:
+    """`video_gt` names the video-level ground truth of `ogpe` (core.metrics.progress.true_progress's
+    `definition`; "release" is the paper's)."""
+
+    def __init__(self, source: EmbeddingSource, train_videos: list[Video], video_gt: str = "release") -> None:
+        if video_gt not in VIDEO_PROGRESS_GT:
+            raise ValueError(f"video_gt must be one of {VIDEO_PROGRESS_GT}, got {video_gt!r}")
         self.source = source
         self.train_videos = train_videos
+        self.video_gt = video_gt
         lengths: dict[str, list[int]] = {}
         for v in train_videos:
             for label, a, b in _actions(v.times):
@@ -129,7 +136,9 @@ class ProgressEvaluator:
         for i, (v, e) in enumerate(zip(videos, embeddings, strict=True)):
             T = e.shape[0]
             g = max(task_g.get(v.task, 1.0), 1e-12)
-            video_err.append(ogpe(cumulative_distance(e) / g, true_progress(v.times, T)))
+            video_err.append(
+                ogpe(cumulative_distance(e) / g, true_progress(v.times, T, definition=self.video_gt))
+            )
             actions = _actions(v.times, T)
             if not actions:
                 continue

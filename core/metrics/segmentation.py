@@ -1,9 +1,12 @@
-"""Unsupervised segmentation metrics for object-centric video models: ARI, VideoARI / FG-ARI and mBO.
+"""Unsupervised segmentation metrics for object-centric video models: ARI, VideoARI / FG-ARI, mBO and
+Hungarian-matched mIoU.
 
 All of them compare two partitions of the same points through one contingency table per row, built
 with a single `scatter_add` over every point of the batch. Labels are arbitrary integers: a prediction
 is a partition (slot ids), so only which points share a label matters, never the label values. In
-the true masks 0 is background.
+the true masks 0 is background. A true label equal to `ignore_label` marks an unlabelled pixel: it is
+dropped from both partitions, as the reference (martius-lab/slotcontrast) drops pixels without a true
+class from ARI and zeroes ignored pixels in both masks for IoU.
 
 Per video, the points are all pixels of all frames (one clustering of the whole volume), so a slot
 that switches objects between frames is penalised: that is what makes these video metrics.
@@ -11,8 +14,10 @@ that switches objects between frames is penalised: that is what makes these vide
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 # Label ranges whose product stays below this are used as they are (no sort); else they are renumbered.
@@ -94,48 +99,104 @@ def _check_video_masks(true_masks: Tensor, pred_masks: Tensor) -> None:
         raise ValueError(f"masks are empty: {tuple(true_masks.shape)}")
 
 
-def video_ari(true_masks: Tensor, pred_masks: Tensor, foreground_only: bool = False) -> Tensor:
+def _labelled(true: Tensor, ignore_label: int | None) -> Tensor | None:
+    """Points that carry a true label (None: all of them)."""
+    return None if ignore_label is None else true != ignore_label
+
+
+def video_ari(
+    true_masks: Tensor, pred_masks: Tensor, foreground_only: bool = False, ignore_label: int | None = None
+) -> Tensor:
     """VideoARI (or FG-ARI with `foreground_only`) per video (B,): all T*H*W points as one clustering.
 
     FG-ARI scores only pixels whose true label is not 0, so how the background is split does not count;
-    a video with no foreground pixel scores 1.0 (see `ari`).
+    a video with no foreground pixel scores 1.0 (see `ari`). Pixels labelled `ignore_label` are skipped.
     """
     _check_video_masks(true_masks, pred_masks)
     true = true_masks.flatten(1)  # (B, T*H*W)
-    return ari(true, pred_masks.flatten(1), valid=true != 0 if foreground_only else None)
+    valid = _labelled(true, ignore_label)
+    if foreground_only:
+        valid = true != 0 if valid is None else valid & (true != 0)
+    return ari(true, pred_masks.flatten(1), valid=valid)
 
 
-def mbo(true_masks: Tensor, pred_masks: Tensor) -> Tensor:
-    """Mean best overlap per video (B,) float64: each true object's best IoU with any predicted segment.
-
-    Objects are the non-zero true labels present in the video; IoU is over the whole video volume
-    (one predicted segment must cover an object in every frame), as SlotContrast's VideoIoU with
-    'overlap' matching. A predicted segment's union with an object counts all its pixels, background
-    included. A video without any object has no mBO: NaN, to be skipped when averaging (`nanmean`),
-    as the reference implementation skips such samples.
-    """
+def _object_ious(
+    true_masks: Tensor, pred_masks: Tensor, include_background: bool, ignore_label: int | None
+) -> tuple[Tensor, Tensor]:
+    """Whole-volume IoU of every true label with every predicted segment (B, Ct, Cp) float64, and which
+    true labels are objects scored in each video (B, Ct): present, not ignored, not 0 unless
+    `include_background`. A segment's union with an object counts all its labelled pixels."""
     _check_video_masks(true_masks, pred_masks)
-    table, true_values = _contingency(true_masks.flatten(1), pred_masks.flatten(1))  # (B, Ct, Cp)
+    true = true_masks.flatten(1)
+    table, true_values = _contingency(true, pred_masks.flatten(1), _labelled(true, ignore_label))
     true_size = table.sum(dim=2, keepdim=True)  # (B, Ct, 1)
     pred_size = table.sum(dim=1, keepdim=True)  # (B, 1, Cp)
-    union = true_size + pred_size - table
-    iou = table.to(torch.float64) / union.clamp(min=1)
-    best = iou.max(dim=2).values  # (B, Ct)
-    is_object = (true_size.squeeze(2) > 0) & (true_values != 0)[None, :]  # (B, Ct)
+    iou = table.to(torch.float64) / (true_size + pred_size - table).clamp(min=1)
+    counted = torch.ones_like(true_values, dtype=torch.bool)
+    if not include_background:
+        counted &= true_values != 0
+    if ignore_label is not None:
+        counted &= true_values != ignore_label
+    return iou, (true_size.squeeze(2) > 0) & counted[None, :]
+
+
+def _mean_over_objects(per_object: Tensor, is_object: Tensor) -> Tensor:
+    """(B, Ct) scores -> (B,) mean over each video's objects; NaN without objects (skip with nanmean,
+    as the reference skips such samples)."""
     n_objects = is_object.sum(dim=1)
-    return torch.where(
-        n_objects > 0, (best * is_object).sum(dim=1) / n_objects.clamp(min=1), torch.nan
-    )  # (B,)
+    return torch.where(n_objects > 0, (per_object * is_object).sum(dim=1) / n_objects.clamp(min=1), torch.nan)
+
+
+def mbo(
+    true_masks: Tensor,
+    pred_masks: Tensor,
+    include_background: bool = False,
+    ignore_label: int | None = None,
+) -> Tensor:
+    """Mean best overlap per video (B,) float64: each true object's best IoU with any predicted segment.
+
+    Objects are the non-zero true labels present in the video (and label 0 too with
+    `include_background`, the reference's YTVIS setting `ignore_background: false`); IoU is over the
+    whole video volume (one predicted segment must cover an object in every frame), as SlotContrast's
+    VideoIoU with 'overlap' matching. A video without any object has no mBO: NaN.
+    """
+    iou, is_object = _object_ious(true_masks, pred_masks, include_background, ignore_label)
+    return _mean_over_objects(iou.max(dim=2).values, is_object)
+
+
+def hungarian_miou(
+    true_masks: Tensor,
+    pred_masks: Tensor,
+    include_background: bool = False,
+    ignore_label: int | None = None,
+) -> Tensor:
+    """Mean IoU per video (B,) float64 under a one-to-one matching of objects to predicted segments.
+
+    Unlike mBO, two objects cannot both claim one segment: the matching maximises the summed IoU
+    (scipy's `linear_sum_assignment`, as the reference's VideoIoU with 'hungarian' matching); an object
+    left without a segment scores 0. Objects, volume IoU and NaN as in `mbo`."""
+    iou, is_object = _object_ious(true_masks, pred_masks, include_background, ignore_label)
+    matched = torch.zeros(is_object.shape, dtype=torch.float64)
+    for b, (scores, objects) in enumerate(zip(iou.cpu().numpy(), is_object.cpu().numpy(), strict=True)):
+        rows = np.flatnonzero(objects)
+        r, c = linear_sum_assignment(scores[rows], maximize=True)
+        matched[b, rows[r]] = torch.from_numpy(scores[rows[r], c])
+    return _mean_over_objects(matched.to(iou.device), is_object)
 
 
 def masks_to_labels(soft_masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Hard label maps (B, T, H, W) from soft slot masks (B, T, K, h, w): bilinear resize to `size`, argmax.
 
     The decoder predicts masks per patch; metrics compare them with full-resolution ground truth, so
-    they are upsampled first (slots.md) and each pixel is given to its most likely slot.
+    they are upsampled first (slots.md) and each pixel is given to its most likely slot. Masks outside
+    [0, 1] are refused, as the reference's soft_to_hard_mask does: they are not masks (e.g. logits).
     """
     if soft_masks.ndim != 5:
         raise ValueError(f"soft_masks must be (B, T, K, h, w), got {tuple(soft_masks.shape)}")
+    if soft_masks.numel():
+        low, high = (float(v) for v in torch.aminmax(soft_masks))
+        if not (low >= 0.0 and high <= 1.0):  # also refuses NaN
+            raise ValueError(f"soft_masks must lie in [0, 1], found values in [{low}, {high}]")
     B, T = soft_masks.shape[:2]
     resized = F.interpolate(soft_masks.flatten(0, 1).float(), size=size, mode="bilinear", align_corners=False)
     return resized.argmax(dim=1).view(B, T, *size)  # (B, T, H, W)

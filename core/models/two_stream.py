@@ -33,26 +33,38 @@ def motion_stream(img_t: torch.Tensor, img_tk: torch.Tensor) -> torch.Tensor:
     return torch.cat([luminance(diff), diff], 1).clamp(-1.0, 1.0)
 
 
-def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3 Sobel gradients (d/dx, d/dy) of (B, 1, H, W) maps, borders replicated; one conv for both."""
+SOBEL_BORDERS = ("zeros", "replicate")
+
+
+def sobel(x: torch.Tensor, border: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """3x3 Sobel gradients (d/dx, d/dy) of (B, 1, H, W) maps; one conv for both.
+
+    `border="zeros"` is the reference's `conv2d(..., padding=1)`: a border pixel sees zeros outside the
+    image, so a bright border reads as an edge. `"replicate"` (repeat the border pixels) is the
+    alternative this project used before; it is kept as a named option, off by default."""
+    if border not in SOBEL_BORDERS:
+        raise ValueError(f"border must be one of {SOBEL_BORDERS}, got {border!r}")
     kx = x.new_tensor(_SOBEL_X)
     kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3)
-    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)  # (B, 2, H, W)
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="constant" if border == "zeros" else "replicate"), kernels)
     return g[:, :1], g[:, 1:]
 
 
-def appearance_stream(img_t: torch.Tensor) -> torch.Tensor:
+def appearance_stream(img_t: torch.Tensor, border: str = "zeros", unbiased_std: bool = True) -> torch.Tensor:
     """P stream `[dx, dy, R, G, B]` of the current frame: (B, 3, H, W) -> (B, 5, H, W).
 
     dx, dy: Sobel gradients of the per-image z-scored luminance (clamped to +-3), divided by the image's
-    largest gradient magnitude, so that edges are comparable across exposures."""
+    largest gradient magnitude (clamped below at 1e-6), so that edges are comparable across exposures.
+    As in the reference (bys724/action-agnostic-visual-rl): the z-score uses the unbiased std (torch's
+    default) plus 1e-6 and the Sobel pads with zeros. Zero padding usually puts the largest magnitude on
+    the border, so it also rescales the interior. `border` and `unbiased_std` name the alternatives."""
     lum = luminance(img_t)
     mean = lum.mean((2, 3), keepdim=True)
-    std = lum.std((2, 3), keepdim=True, unbiased=False)
+    std = lum.std((2, 3), keepdim=True, unbiased=unbiased_std)
     z = ((lum - mean) / (std + _EPS)).clamp(-3.0, 3.0)
-    dx, dy = sobel(z)
-    peak = torch.sqrt(dx.square() + dy.square()).amax((2, 3), keepdim=True)  # (B, 1, 1, 1)
-    return torch.cat([dx / (peak + _EPS), dy / (peak + _EPS), img_t], 1)
+    dx, dy = sobel(z, border)
+    peak = torch.sqrt(dx.square() + dy.square()).amax((2, 3), keepdim=True).clamp(min=_EPS)  # (B, 1, 1, 1)
+    return torch.cat([dx / peak, dy / peak, img_t], 1)
 
 
 def encoder_problems(
@@ -190,8 +202,11 @@ class TwoStreamEncoder(nn.Module):
     Output dict: `cls` (B, D) fused CLS (the representation), `patches` (B, N, D) fused patch tokens,
     `p_cls` (B, D) final P-stream CLS, `p_cls_stages` (list of (B, D), low level first)."""
 
-    def __init__(self, **vit_kwargs: float | int) -> None:
+    def __init__(self, sobel_border: str = "zeros", **vit_kwargs: float | int) -> None:
         super().__init__()
+        if sobel_border not in SOBEL_BORDERS:
+            raise ValueError(f"sobel_border must be one of {SOBEL_BORDERS}, got {sobel_border!r}")
+        self.sobel_border = sobel_border
         self.vit = InterleavedTwoStreamViT(**vit_kwargs)
         self.fusion = PixelwiseFusion(self.vit.width)
 
@@ -199,7 +214,7 @@ class TwoStreamEncoder(nn.Module):
         self, img_t: torch.Tensor, img_tk: torch.Tensor
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """img_t, img_tk: (B, 3, H, W) in [0, 1]."""
-        out = self.vit(motion_stream(img_t, img_tk), appearance_stream(img_t))
+        out = self.vit(motion_stream(img_t, img_tk), appearance_stream(img_t, self.sobel_border))
         cls, patches = self.fusion(out["m_tokens"], out["p_tokens"])
         return {
             "cls": cls,
@@ -234,10 +249,17 @@ def build_two_stream(
     mlp_ratio: float = 4.0,
     exchange_mlp_ratio: float = 1.0,
     decoder: dict | None = None,
+    sobel_border: str = "zeros",
 ) -> TwoStreamVideoPredictor:
-    """The predictor from the `model` config group's values (decoder: variant, dim, skip_channels)."""
+    """The predictor from the `model` config group's values (decoder: variant, dim, skip_channels;
+    sobel_border: the P stream's Sobel padding, "zeros" as in the reference)."""
     vit = dict(image_size=image_size, patch_size=patch_size, width=width, num_stages=num_stages)
     encoder = TwoStreamEncoder(
-        **vit, depth=depth, heads=heads, mlp_ratio=mlp_ratio, exchange_mlp_ratio=exchange_mlp_ratio
+        sobel_border,
+        **vit,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=mlp_ratio,
+        exchange_mlp_ratio=exchange_mlp_ratio,
     )
     return TwoStreamVideoPredictor(encoder, VideoDecoder(**vit, **(decoder or {})))

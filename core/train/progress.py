@@ -318,7 +318,11 @@ class ProgressTask(Task):
         save_splits(self.splits, run_dir / "splits.json")
 
     def describe(self) -> dict[str, Any]:
-        return {split: len(v) for split, v in self.videos.items()}
+        # which video-level progress ground truth `ogpe` was scored against (the release's, by default)
+        return {
+            **{split: len(v) for split, v in self.videos.items()},
+            "video_progress_gt": self.evaluator.video_gt,
+        }
 
 
 Task = ProgressTask

@@ -25,7 +25,7 @@ from core.data.errors import DataError
 from core.data.multi_object import DATA_KINDS, ObjectVideo, batch_videos, load_object_videos, split_videos
 from core.data.splits import SPLIT_NAMES, Handle, Splits, resolve_splits, save_splits, select
 from core.losses.slots import feature_reconstruction_loss, slot_contrastive_loss
-from core.metrics.segmentation import masks_to_labels, mbo, random_mask_baseline, video_ari
+from core.metrics.segmentation import hungarian_miou, masks_to_labels, mbo, random_mask_baseline, video_ari
 from core.models.backbone import ViTBackbone, load_vit_checkpoint
 from core.models.slots import (
     INITIALIZERS,
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("frozen", "finetune", "two_stage")
 MASK_SOURCES = ("decoder", "grouper")  # which masks the segmentation metrics and plots read
 LOSSES = ("total_loss", "featrec_loss", "contrastive_loss")
-SEGMENTATION_METRICS = ("fg_ari", "video_ari", "mbo")
+SEGMENTATION_METRICS = ("fg_ari", "video_ari", "mbo", "miou")
 BASELINES = ("random", "grid")  # core.metrics.segmentation.random_mask_baseline kinds: blobs, grid
 _BASELINE_KIND = {"random": "blobs", "grid": "grid"}
 
@@ -370,9 +370,9 @@ class SlotsTask(Task):
     def segmentation_metrics(
         self, split: str, baselines: bool = False, plot: Path | None = None
     ) -> dict[str, float]:
-        """Mean FG-ARI / VideoARI / mBO over the split's clips (mBO skips clips without objects); with
-        `baselines`, the same for random-blob and grid masks of as many segments as slots; with `plot`,
-        the slot masks of the first clips drawn there."""
+        """Mean FG-ARI / VideoARI / mBO / Hungarian mIoU over the split's clips (mBO and mIoU skip clips
+        without objects); with `baselines`, the same for random-blob and grid masks of as many segments
+        as slots; with `plot`, the slot masks of the first clips drawn there."""
         scores: dict[str, list[torch.Tensor]] = {}
         generator = torch.Generator().manual_seed(self.cfg.seed + 3)
         predictions = {"": None}
@@ -389,6 +389,7 @@ class SlotsTask(Task):
                 scores.setdefault(f"fg_ari{suffix}", []).append(video_ari(true, pred, foreground_only=True))
                 scores.setdefault(f"video_ari{suffix}", []).append(video_ari(true, pred))
                 scores.setdefault(f"mbo{suffix}", []).append(mbo(true, pred))
+                scores.setdefault(f"miou{suffix}", []).append(hungarian_miou(true, pred))
             if plot is not None and i == 0:
                 plot_slot_masks(
                     batch.frames.cpu(),

@@ -23,17 +23,25 @@ def _segments(times: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     return list(zip(times["step"], times["start_frame"], times["end_frame"], strict=True))
 
 
-def true_progress_loop(times: Mapping[str, Any], T: int) -> Tensor:
+def true_progress_loop(times: Mapping[str, Any], T: int, definition: str = "release") -> Tensor:
+    """Video-level ground truth written frame by frame, segments in order (a later segment overwrites a
+    shared boundary frame). "release": the release's get_trueprogress - an action of L frames gets
+    linspace(prev, prev + 1/K, L), i.e. prev + i / (L - 1) / K (prev alone if L = 1); background copies
+    the frame before its start (0 at the start). "completed_frames": (j + (i + 1) / L) / K on disjoint
+    segments, background holds the frame before."""
     actions = [seg for seg in _segments(times) if not is_background(seg[0])]
     K = len(actions)
     gt = torch.zeros(T, dtype=torch.float64)
     j = 0
     for step, start, end in _segments(times):
         L = end - start + 1
+        held = float(gt[start - 1]) if start > 0 else 0.0
         for i in range(L):
             t = start + i
             if is_background(step):
-                gt[t] = gt[t - 1] if t > 0 else 0.0
+                gt[t] = held if definition == "release" else (gt[t - 1] if t > 0 else 0.0)
+            elif definition == "release":
+                gt[t] = (j + (i / (L - 1) if L > 1 else 0.0)) / K
             else:
                 gt[t] = (j + (i + 1) / L) / K
         if not is_background(step):

@@ -91,16 +91,22 @@ def retrieval_score_loop(
 LUMA = (0.2126, 0.7152, 0.0722)
 
 
-def appearance_stream_loop(img: torch.Tensor) -> torch.Tensor:
-    """P stream of one image (3, H, W): Sobel of the clamped z-scored luminance, replicated borders."""
+def appearance_stream_loop(
+    img: torch.Tensor, border: str = "zeros", unbiased_std: bool = True
+) -> torch.Tensor:
+    """P stream of one image (3, H, W) as the reference computes it: z-score the luminance with the
+    unbiased std (+1e-6), clamp to +-3, Sobel with `conv2d(..., padding=1)` (zeros outside the image;
+    border="replicate" repeats the border instead), divide by max(largest magnitude, 1e-6)."""
     _, h, w = img.shape
     lum = [[sum(LUMA[c] * float(img[c, i, j]) for c in range(3)) for j in range(w)] for i in range(h)]
     flat = [v for row in lum for v in row]
     mean = sum(flat) / len(flat)
-    std = math.sqrt(sum((v - mean) ** 2 for v in flat) / len(flat))
+    std = math.sqrt(sum((v - mean) ** 2 for v in flat) / (len(flat) - 1 if unbiased_std else len(flat)))
     z = [[min(max((v - mean) / (std + 1e-6), -3.0), 3.0) for v in row] for row in lum]
 
     def at(i: int, j: int) -> float:
+        if border == "zeros":
+            return z[i][j] if 0 <= i < h and 0 <= j < w else 0.0
         return z[min(max(i, 0), h - 1)][min(max(j, 0), w - 1)]
 
     dx = [[0.0] * w for _ in range(h)]
@@ -123,12 +129,12 @@ def appearance_stream_loop(img: torch.Tensor) -> torch.Tensor:
                 - 2 * at(i - 1, j)
                 - at(i - 1, j + 1)
             )
-    peak = max(math.hypot(dx[i][j], dy[i][j]) for i in range(h) for j in range(w))
+    peak = max(max(math.hypot(dx[i][j], dy[i][j]) for i in range(h) for j in range(w)), 1e-6)
     out = torch.zeros(5, h, w, dtype=torch.float64)
     for i in range(h):
         for j in range(w):
-            out[0, i, j] = dx[i][j] / (peak + 1e-6)
-            out[1, i, j] = dy[i][j] / (peak + 1e-6)
+            out[0, i, j] = dx[i][j] / peak
+            out[1, i, j] = dy[i][j] / peak
             for c in range(3):
                 out[2 + c, i, j] = float(img[c, i, j])
     return out

@@ -7,6 +7,7 @@ arithmetic. Both use the convention that ARI is 1.0 when its denominator is 0.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -55,32 +56,81 @@ def _flatten(video: Sequence[Sequence[Sequence[int]]]) -> list[int]:
     return [label for frame in video for row in frame for label in row]
 
 
+def _kept(
+    true: Sequence[Sequence[Sequence[int]]], pred: Sequence[Sequence[Sequence[int]]], ignore_label: int | None
+) -> tuple[list[int], list[int]]:
+    """Flattened labels without the unlabelled (ignored) pixels, which count in neither partition."""
+    t, p = _flatten(true), _flatten(pred)
+    keep = [i for i in range(len(t)) if ignore_label is None or t[i] != ignore_label]
+    return [t[i] for i in keep], [p[i] for i in keep]
+
+
 def video_ari_loop(
-    true: Sequence[Sequence[Sequence[int]]], pred: Sequence[Sequence[Sequence[int]]], foreground_only: bool
+    true: Sequence[Sequence[Sequence[int]]],
+    pred: Sequence[Sequence[Sequence[int]]],
+    foreground_only: bool,
+    ignore_label: int | None = None,
 ) -> float:
     """VideoARI / FG-ARI of one video: all pixels of all frames as one clustering."""
-    t, p = _flatten(true), _flatten(pred)
+    t, p = _kept(true, pred, ignore_label)
     if foreground_only:
         keep = [i for i in range(len(t)) if t[i] != 0]
         t, p = [t[i] for i in keep], [p[i] for i in keep]
     return ari_contingency_loop(t, p)
 
 
-def mbo_loop(true: Sequence[Sequence[Sequence[int]]], pred: Sequence[Sequence[Sequence[int]]]) -> float:
-    """Mean over true objects (non-zero labels) of the best IoU with any predicted label, whole video."""
-    t, p = _flatten(true), _flatten(pred)
-    objects = sorted({label for label in t if label != 0})
-    if not objects:
-        return math.nan
-    best = []
+def _iou_table(
+    true: Sequence[Sequence[Sequence[int]]],
+    pred: Sequence[Sequence[Sequence[int]]],
+    include_background: bool,
+    ignore_label: int | None,
+) -> list[list[float]]:
+    """IoU over the video of every object (rows: true labels present, 0 only with include_background)
+    with every predicted label, pixel by pixel."""
+    t, p = _kept(true, pred, ignore_label)
+    objects = sorted({label for label in t if include_background or label != 0})
+    rows = []
     for obj in objects:
-        scores = []
+        row = []
         for seg in sorted(set(p)):
             inter = union = 0
             for i in range(len(t)):
                 in_t, in_p = t[i] == obj, p[i] == seg
                 inter += in_t and in_p
                 union += in_t or in_p
-            scores.append(inter / union)
-        best.append(max(scores))
-    return sum(best) / len(best)
+            row.append(inter / union)
+        rows.append(row)
+    return rows
+
+
+def mbo_loop(
+    true: Sequence[Sequence[Sequence[int]]],
+    pred: Sequence[Sequence[Sequence[int]]],
+    include_background: bool = False,
+    ignore_label: int | None = None,
+) -> float:
+    """Mean over true objects of the best IoU with any predicted label, whole video."""
+    rows = _iou_table(true, pred, include_background, ignore_label)
+    if not rows:
+        return math.nan
+    return sum(max(row) for row in rows) / len(rows)
+
+
+def hungarian_miou_loop(
+    true: Sequence[Sequence[Sequence[int]]],
+    pred: Sequence[Sequence[Sequence[int]]],
+    include_background: bool = False,
+    ignore_label: int | None = None,
+) -> float:
+    """Mean IoU under the best one-to-one matching, by trying every assignment of objects to distinct
+    segments (objects beyond the number of segments score 0). Tiny inputs only."""
+    rows = _iou_table(true, pred, include_background, ignore_label)
+    if not rows:
+        return math.nan
+    n_obj, n_seg = len(rows), len(rows[0])
+    slots = list(range(n_seg)) + [None] * n_obj  # None: the object gets no segment
+    best = max(
+        sum(rows[o][s] for o, s in enumerate(choice) if s is not None)
+        for choice in itertools.permutations(slots, n_obj)
+    )
+    return best / n_obj

@@ -16,19 +16,20 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def slot_contrastive_reference(slots: torch.Tensor, temperature: float, batch_contrast: bool) -> torch.Tensor:
-    """slots (B, T, K, D). Term for slot i of video b at step t: -log softmax over candidates c at t+1 of
-    cos(slot_i(t), c) / temperature, at c = slot_i(t+1). Candidates: the K slots of video b at t+1, or the
-    B*K slots of every video at t+1 with `batch_contrast`. Mean over all terms."""
+    """slots (B, T, K, D). As the reference's CrossEntropyLoss over dim 1 of ss (B*T, S, S): the term
+    for slot j of video b at step t+1 is -log softmax over candidates c at t of cos(c, slot_j(t+1)) /
+    temperature, at c = slot_j(t). Candidates: the K slots of video b at t, or the B*K slots of every
+    video at t with `batch_contrast`. Mean over all terms."""
     n_videos, n_steps, n_slots, _ = slots.shape
     terms = []
     for b in range(n_videos):
         for t in range(n_steps - 1):
-            for i in range(n_slots):
-                anchor = slots[b, t, i]
+            for j in range(n_slots):
+                anchor = slots[b, t + 1, j]
                 videos = range(n_videos) if batch_contrast else [b]
-                candidates = [slots[v, t + 1, j] for v in videos for j in range(n_slots)]
-                scores = [_cosine(anchor, c) / temperature for c in candidates]
-                positive = _cosine(anchor, slots[b, t + 1, i]) / temperature
+                candidates = [slots[v, t, i] for v in videos for i in range(n_slots)]
+                scores = [_cosine(c, anchor) / temperature for c in candidates]
+                positive = _cosine(slots[b, t, j], anchor) / temperature
                 top = max(float(s.detach()) for s in scores)
                 log_norm = top + torch.log(sum(torch.exp(s - top) for s in scores))
                 terms.append(log_norm - positive)
