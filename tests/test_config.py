@@ -4,6 +4,7 @@ import pytest
 
 from core.train.families import FAMILY_MODULES, check_config, logged_metrics
 from core.train.progress import build_model
+from core.train.run import build_task
 from launchers.cli import main
 from launchers.config import ConfigError, compose_experiment, group_options
 
@@ -16,6 +17,19 @@ def test_every_experiment_composes_and_passes_its_familys_checks(experiment):
     assert cfg.experiment_name == experiment and cfg.family in FAMILY_MODULES
     check_config(cfg)
     assert {"lr", "epoch"} <= logged_metrics(cfg)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_debug_fast_gives_every_experiment_tiny_data_and_model_of_its_own_family(experiment, tmp_path):
+    """debug=fast is one preset for every family (DESIGN: any experiment in well under a minute): each
+    family gets its own tiny data and model, and nothing meant for another family reaches its builders."""
+    cfg = compose_experiment(experiment, ["debug=fast", "logger.enabled=false"])
+    assert cfg.trainer.epochs == 2 and "debug" in cfg.logger.tags
+    if cfg.family == "video":
+        assert "n_tasks" not in cfg.data.generator and cfg.model.width == 32 and cfg.data.image_size == 32
+    task = build_task(cfg, tmp_path)  # builds the data and the model; raised for the video family before
+    params = sum(p.numel() for p in task.model.parameters())
+    assert params < 2_000_000, f"{experiment}: {params} parameters is not a tiny model"
 
 
 @pytest.mark.parametrize("experiment", PROGRESS_EXPERIMENTS)
