@@ -5,7 +5,7 @@
 `stream`: the pipeline as shipped - an uninterrupted run in OUT/full, then a run stopped after its 2nd
 training batch in OUT/cut and resumed there. `whole`: the previous pipeline's footprint - every clip's
 frames in memory, concatenated into one bank. Prints {"self_mb", "children_mb"}: the peak resident set of
-this process and of its largest child (DataLoader workers), from getrusage.
+this process (VmHWM) and of its largest child (DataLoader workers, getrusage).
 """
 
 from __future__ import annotations
@@ -16,6 +16,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process image (VmHWM). Not getrusage's ru_maxrss: Linux carries it over
+    exec from the image this process was forked from, so under pytest it would start at pytest's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def overrides(root: str, size: int) -> list[str]:
@@ -76,7 +85,7 @@ def main(mode: str, root: str, out: str, size: int) -> None:
             pass
         run_experiment(cfg, Path(out) / "cut")
     peak = {
-        "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "self_mb": peak_rss_mb(),
         "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     print(json.dumps(peak))

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from analysis.report import report_command
+from core.provenance import provenance
 from core.train.run import environment
 from launchers.cli import main
 from sweepstate.study import SweepStudy
@@ -33,7 +34,7 @@ def demo(tmp_path_factory):
     """The demo sweep's report (HTML) through the CLI; (root, report path)."""
     root = tmp_path_factory.mktemp("report")
     study = build_grid_sweep(root, "demo")
-    env = environment()  # what core/train/run.py records with every run: commit, versions
+    env = environment(provenance("demo", [])[0])  # what core/train/run.py records with every run
     for summary in (study.sweep_dir / "trials").glob("*/summary.json"):
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "environment": env}))
     assert main(["report", "demo", "--root", str(root)]) == 0
@@ -65,7 +66,7 @@ def test_html_report_is_one_self_contained_file(demo):
         "Wall time and GPU-hours",
         "Code and versions",
     ]
-    env = environment()
+    env = environment(provenance("demo", [])[0])
     assert f"optuna {env['packages']['optuna']}" in text and f"torch {env['packages']['torch']}" in text
     if env["git_commit"]:
         assert env["git_commit"] in text and env["git_commit"][:10] in text

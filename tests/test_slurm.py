@@ -74,7 +74,7 @@ def _sacct(array_id: str) -> dict[str, tuple[str, str, str]]:
 def _study(tmp_path, name: str) -> SweepStudy:
     path = tmp_path / f"{name}.yaml"
     path.write_text(SWEEP)
-    return SweepStudy.create(load_sweep(path), tmp_path / "runs")
+    return SweepStudy.create(load_sweep(path), tmp_path / "runs", slurm.trial_job_outcomes)
 
 
 def test_slurm_array_drains_a_grid_sweep_every_trial_once(cluster, tmp_path):
@@ -155,7 +155,8 @@ def _one_long_trial(tmp_path, name: str) -> tuple[SweepStudy, submitit.Job]:
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
-    study = SweepStudy.create(load_sweep(path), tmp_path / "runs")
+    # as `ablate sweep` does: the queue learns how SLURM jobs ended through the injected accounting
+    study = SweepStudy.create(load_sweep(path), tmp_path / "runs", slurm.trial_job_outcomes)
     (job,) = slurm.submit_slurm_workers(study.sweep_dir, 1, slurm.slurm_resources(study.spec.launcher))
     deadline = time.monotonic() + 60
     while not (claimed := [t for t in study.trials() if t.state == "RUNNING" and t.slurm_job]):
