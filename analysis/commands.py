@@ -107,9 +107,10 @@ def table_command(
         body = search_report(study, runs, column, fmt)
     else:
         groups = _check_by(runs, by or sweep_axes(spec), spec)
-        if not pool_code and "run_dir" in runs:
-            runs = runs.assign(code=[run_code(d) if isinstance(d, str) else None for d in runs["run_dir"]])
-            groups = [*groups, "code"] if runs["code"].nunique() > 1 else groups
+        codes = [run_code(d) if isinstance(d, str) else None for d in runs.get("run_dir", [])]
+        if not pool_code and len(set(codes) - {None}) > 1:
+            # a trial that has not run yet has no code: "-", so that it still counts as waiting
+            runs, groups = runs.assign(code=[c or "-" for c in codes]), [*groups, "code"]
         table = ablation_table(
             runs,
             groups,

@@ -35,6 +35,7 @@ from analysis.tables import (
     top_trials,
 )
 from core.atomic import atomic_write_bytes, atomic_write_text
+from sweepstate.storage import mask_secrets
 
 FORMATS = ("html", "md")
 MAX_BARS = 12  # more groups than this: bars per axis only (48 bars are unreadable and a 700 kB PNG)
@@ -91,17 +92,19 @@ def _stat_table(table: pd.DataFrame) -> Table:
 
 # ---------------------------------------------------------------------------------------- sections
 def question(spec_path: str, sweep_dir: Path) -> list[Block]:
-    """The sweep file as written (its comments state the question), else the saved spec."""
+    """The sweep file as written (its comments state the question), else the saved spec; a storage
+    password in either is masked (a report is mailed)."""
     path = Path(spec_path)
     if path.is_file():
-        return [Text(f"sweep file {path}:"), Code(path.read_text())]
+        return [Text(f"sweep file {path}:"), Code(mask_secrets(path.read_text()))]
     saved = yaml.safe_dump(
         yaml.safe_load((sweep_dir / "sweep.json").read_text()),
         sort_keys=False,
         default_flow_style=None,
         width=100,
     )
-    return [Text(f"{spec_path} is not here; the sweep as saved in {sweep_dir / 'sweep.json'}:"), Code(saved)]
+    where = sweep_dir / "sweep.json"
+    return [Text(f"{spec_path} is not here; the sweep as saved in {where}:"), Code(mask_secrets(saved))]
 
 
 def ablation_sections(study, runs: pd.DataFrame, column: str, stat: str) -> list[Block]:

@@ -154,3 +154,17 @@ def test_a_sweep_whose_first_group_has_no_result_yet_is_reported_against_the_fir
     assert "by method (baseline: a)" in text and "P(better than a)" in text
     assert text.count("RuntimeError: out of memory") == 2
     assert "‡: fewer than 5 runs: a Student-t interval" in text  # 2 seeds per group
+
+
+def test_report_masks_the_storage_password_of_the_sweep_file_and_of_sweep_json(tmp_path):
+    """A report is mailed: the sweep's question block never carries a database password, whether it
+    shows the sweep file as written or the spec saved in sweep.json."""
+    from analysis.report import question
+
+    url = "postgresql+psycopg://ablate:S3cr@t-pw@db.example:5432/ablate"
+    sweep_file = tmp_path / "pg.yaml"
+    sweep_file.write_text(f"# does A help?\nexperiment: progress_none\nstorage: {url}\n")
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "pg", "storage": url}))
+    for blocks in (question(str(sweep_file), tmp_path), question(str(tmp_path / "gone.yaml"), tmp_path)):
+        shown = "\n".join(b.text for b in blocks)
+        assert "S3cr" not in shown and "ablate:***@db.example:5432/ablate" in shown, shown
