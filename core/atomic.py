@@ -1,8 +1,10 @@
 """Atomic file writes: a temporary sibling renamed into place, so a kill at any moment leaves either
-the old complete file or the new complete one, never a torn one."""
+the old complete file or the new complete one, never a torn one; and the one lock between processes
+that build a file together (a sweep's creation, a frame cache)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -41,3 +43,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on `path` (created if missing), held for the block: the
+    kernel queues waiters and releases it if the holder dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -22,7 +22,6 @@ Every storage operation rides out transient errors (sweepstate.storage.retrying)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from core.atomic import atomic_write_json
+from core.atomic import atomic_write_json, file_lock
 from sweepstate.spec import ParamSpec, SweepError, SweepSpec, trial_key
 from sweepstate.storage import (
     TRANSIENT_ERRORS,
@@ -85,17 +84,6 @@ def _stable_int(*parts: Any) -> int:
 def lease_of(frozen: FrozenTrial) -> dict[str, Any]:
     """The lease of a claimed trial ({} for one never claimed)."""
     return frozen.system_attrs.get(LEASE_ATTR) or {}
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock between processes (released by the kernel if the holder dies)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_same_sweep(spec: SweepSpec, old: dict[str, Any], sweep_dir: Path, check_storage: bool) -> None:
@@ -245,7 +233,7 @@ class SweepStudy:
         budget exactly once, in one write. A sweep of that name with a different spec is an error."""
         sweep_dir = sweep_dir_for(root, spec.name)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(sweep_dir / ".create.lock"):
+        with file_lock(sweep_dir / ".create.lock"):
             saved = sweep_dir / "sweep.json"
             if saved.exists():
                 _check_same_sweep(spec, json.loads(saved.read_text()), sweep_dir, check_storage=True)

@@ -18,19 +18,17 @@ from, so a changed source file gets a new entry; a new resolution gets a new dir
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
-from core.atomic import atomic_open, atomic_write_json
+from core.atomic import atomic_open, atomic_write_json, file_lock
 from core.data.frames import ClipInfo, FrameStore
 
 CACHE_FORMAT = 1
@@ -86,7 +84,8 @@ def open_cache(
     files = [directory / "videos" / f"{clip_key(store, v)}.npy" for v in range(len(store.clips))]
     missing = [v for v, f in enumerate(files) if not f.exists()]
     if missing or not (directory / "manifest.json").exists():
-        with _locked(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        with file_lock(directory / "build.lock"):  # blocks until another builder is done
             for tmp in (directory / "videos").glob(".*.tmp"):  # left by a killed builder; we hold the lock
                 tmp.unlink()
             missing = [v for v in missing if not files[v].exists()]  # another builder may have done them
@@ -109,15 +108,3 @@ def _write_manifest(
     ]
     manifest = {"format": CACHE_FORMAT, "image_size": store.image_size, "options": options or {}}
     atomic_write_json(directory / "manifest.json", {**manifest, "videos": videos})
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on the cache directory (blocks until another builder is done)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
