@@ -157,20 +157,33 @@ def _optuna_worker(url_or_path: str, name: str, n: int, work_s: float, start_at:
     Path(out).write_text(json.dumps({"times": times, "end": time.time()}))
 
 
-def _run(target: Any, args_of: list[tuple]) -> tuple[list[dict], int]:
-    """Fork one process per args tuple (its last arg: its result file); (results, crashed workers)."""
+def _reporting_crash(target: Any, *args: Any) -> None:
+    """Run a worker; if it dies of an exception, leave its one-line summary in its result file."""
+    try:
+        target(*args)
+    except BaseException as exc:
+        summary = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        Path(args[-1]).write_text(json.dumps({"crash": mask_secrets(summary)[:200]}))
+        os._exit(1)
+
+
+def _run(target: Any, args_of: list[tuple]) -> tuple[list[dict], str]:
+    """Fork one process per args tuple (its last arg: its result file); (results, crashed workers:
+    their number and why, by reason)."""
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=target, args=a) for a in args_of]
+    procs = [ctx.Process(target=_reporting_crash, args=(target, *a)) for a in args_of]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    results, crashed = [], 0
+    results, crashes = [], Counter()
     for p, a in zip(procs, args_of, strict=True):
-        if p.exitcode == 0 and Path(a[-1]).exists():
-            results.append(json.loads(Path(a[-1]).read_text()))
+        out = json.loads(Path(a[-1]).read_text()) if Path(a[-1]).exists() else {}
+        if p.exitcode == 0 and "crash" not in out:
+            results.append(out)
         else:
-            crashed += 1
+            crashes[out.get("crash", f"exit code {p.exitcode}")] += 1
+    crashed = f"{sum(crashes.values())}" + "".join(f" [{n}x {why}]" for why, n in crashes.most_common(3))
     return results, crashed
 
 

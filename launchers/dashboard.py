@@ -61,7 +61,13 @@ def masking(app: Wsgi, secrets: list[str]) -> Wsgi:
             captured.update(status=status, headers=headers, exc_info=exc_info)
             return lambda data: None  # the legacy write() callable: bottle does not use it
 
-        body = b"".join(app(environ, capture))
+        chunks = app(environ, capture)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)  # PEP 3333: a middleware that consumes it closes it
+            if close is not None:
+                close()
         for secret in secrets:
             body = body.replace(secret.encode(), b"***")
         headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.atomic import atomic_write_json, atomic_write_text
+from core.atomic import atomic_write_json, atomic_write_text, file_lock
 from core.provenance import (
     CODE_PATHS,
     DIFF_FILE,
@@ -79,12 +79,14 @@ def take_snapshot(dest: Path, source: Path | None = None) -> Snapshot:
 
 
 def record_sweep_code(sweep_dir: Path, snap: Snapshot) -> None:
-    """Make `snap` the code that new workers of the sweep run (and remember every one it ran)."""
-    index = read_code_index(sweep_dir)
+    """Make `snap` the code that new workers of the sweep run (and remember every one it ran); under
+    a lock, so that two `ablate resume --code current` at once both keep their snapshot's record."""
     record = json.loads((snap.path / SNAPSHOT_RECORD).read_text())
-    index["snapshots"][snap.hash] = {k: record.get(k) for k in ("git_commit", "git_dirty", "taken")}
-    index["current"] = snap.hash
-    atomic_write_json(Path(sweep_dir) / CODE_INDEX, index)
+    with file_lock(Path(sweep_dir) / f"{CODE_INDEX}.lock"):
+        index = read_code_index(sweep_dir)
+        index["snapshots"][snap.hash] = {k: record.get(k) for k in ("git_commit", "git_dirty", "taken")}
+        index["current"] = snap.hash
+        atomic_write_json(Path(sweep_dir) / CODE_INDEX, index)
 
 
 def read_code_index(sweep_dir: Path) -> dict:

@@ -46,9 +46,11 @@ from sweepstate.storage import (
     add_waiting_trials,
     claim_next_rdb,
     count_states,
+    finish_rdb,
     mask_secrets,
     open_storage,
     rdb_engine,
+    report_rdb,
     retrying,
     set_running_attr_rdb,
 )
@@ -156,7 +158,7 @@ def _waiting(params: dict[str, Any], dists: dict[str, Any], user_attrs: dict[str
 class Claim:
     """A trial this worker owns until it finishes it (or its lease is lost)."""
 
-    trial: optuna.Trial
+    trial: optuna.Trial | None  # a search trial's (the sampler suggests through it); None for a grid trial
     trial_id: int
     number: int
     params: dict[str, Any]  # grid: axis -> label; search: config path -> value (no seed)
@@ -280,15 +282,15 @@ class SweepStudy:
         lease = {"worker": worker, "claimed_at": now, "beat": now}
         if slurm_job is not None:
             lease["slurm_job"] = slurm_job
-        for trial_id in self._candidates(lease):
-            if self._engine is None:
+        for trial_id, claimed in self._candidates(lease):
+            if claimed is None:
                 try:
                     if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
                         continue  # another worker got it first
                 except UpdateFinishedTrialError:
                     continue
             try:
-                return self._start(trial_id, lease)
+                return self._start(trial_id, lease, claimed)
             except Exception as exc:
                 # the storage failed mid-claim: the trial goes back to the queue (the claim is
                 # retried); anything else is this trial's own failure
@@ -300,52 +302,56 @@ class SweepStudy:
                 raise
         return None
 
-    def _candidates(self, lease: dict[str, Any]) -> Iterator[int]:
-        """Trial ids to try to claim. RDB: the one trial a SKIP LOCKED claim already took. Journal:
+    def _candidates(self, lease: dict[str, Any]) -> Iterator[tuple[int, FrozenTrial | None]]:
+        """Trials to try to claim: (trial id, the trial as claimed, or None while still to claim).
+        RDB: the one trial a SKIP LOCKED claim already took (with its params, attrs and lease). Journal:
         the oldest WAITING trial, then - once a race for it was lost - the next `workers` in this
         process's own random order, so that concurrent claims stop racing for the same trial."""
         if self._engine is not None:
-            trial_id = claim_next_rdb(self._engine, self.study_id, LEASE_ATTR, lease)
-            if trial_id is not None:
-                yield trial_id
+            claimed = claim_next_rdb(self._engine, self.study_id, LEASE_ATTR, lease)
+            if claimed is not None:
+                yield claimed._trial_id, claimed
             return
         waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
             return
-        yield waiting[0]._trial_id
+        yield waiting[0]._trial_id, None
         window = max(1, self.spec.workers)
         head = [t._trial_id for t in waiting[1 : window + 1]]
         self._rng.shuffle(head)
-        yield from head
-        yield from (t._trial_id for t in waiting[window + 1 :])
+        yield from ((trial_id, None) for trial_id in head)
+        yield from ((t._trial_id, None) for t in waiting[window + 1 :])
 
-    def _start(self, trial_id: int, lease: dict[str, Any]) -> Claim:
+    def _start(self, trial_id: int, lease: dict[str, Any], claimed: FrozenTrial | None) -> Claim:
+        """The Claim of a trial this process just moved to RUNNING (`claimed`: as the RDB claim read
+        it). A grid trial needs nothing more (its params came with the queue); a search trial's
+        params are suggested now, through an Optuna trial."""
         spec = self.spec
-        # the lease is the claim's one write (grid trials carry their params from the enqueue); on
-        # an RDB the claim's transaction wrote it already
-        if self._engine is None:
+        # the lease is the claim's one write; on an RDB the claim's transaction wrote it already
+        if claimed is None:
             self.storage.set_trial_system_attr(trial_id, LEASE_ATTR, lease)
-        if spec.mode == "search":
+        trial = None
+        if spec.mode == "grid":
+            frozen = claimed or self.storage.get_trial(trial_id)
+            params = {axis: frozen.params[axis] for axis, _ in spec.grid}
+            seed = frozen.params[SEED_PARAM]
+        else:
             # a fresh sampler per trial: concurrent claims draw differently, a trial's draw is reproducible
-            number = self.storage.get_trial(trial_id).number
+            number = claimed.number if claimed else self.storage.get_trial(trial_id).number
             self._study.sampler = self._shared_sampler or spec.make_sampler(_stable_int(spec.name, number))
             # the Study's cached RDB wrapper knows only trials it has read, and a claim made in SQL
             # is new to it (its set_trial_param would fail): one read of the study's trials (which
             # the sampler makes anyway) brings it in
             self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        trial = optuna.Trial(self._study, trial_id)
-        frozen = trial._cached_frozen_trial
-        attrs = frozen.user_attrs
-        if spec.mode == "grid":
-            params = {axis: frozen.params[axis] for axis, _ in spec.grid}
-            seed = frozen.params[SEED_PARAM]
-        else:
+            trial = optuna.Trial(self._study, trial_id)
+            frozen = trial._cached_frozen_trial
             params = {p.path: _suggest(trial, p) for p in spec.params}
-            seed = attrs["seed"]
+            seed = frozen.user_attrs["seed"]
+        attrs = frozen.user_attrs
         key = trial_key(spec.name, params, seed)
         if attrs.get("trial_key") != key:  # a search trial: its values are known from now on
             for name, value in {"trial_key": key, **_shown(self.sweep_dir, params, key)}.items():
-                trial.set_user_attr(name, value)
+                self.storage.set_trial_user_attr(trial_id, name, value)
         return Claim(
             trial=trial,
             trial_id=trial_id,
@@ -370,10 +376,29 @@ class SweepStudy:
             self._retry(lambda: beat(claim.trial_id, LEASE_ATTR, lease), "heartbeat")
 
     def report(self, claim: Claim, value: float, step: int) -> bool:
-        """Report an intermediate objective value; True when the pruner says to stop the trial.
-        Raises UpdateFinishedTrialError once the trial was declared lost."""
-        self._retry(lambda: claim.trial.report(value, step), "report")
-        return bool(self._retry(claim.trial.should_prune, "ask the pruner"))
+        """Report an intermediate objective value (a step already reported keeps its first value);
+        True when the pruner says to stop the trial. Raises UpdateFinishedTrialError once the trial
+        was declared lost."""
+        value, step = float(value), int(step)
+        if claim.trial is not None:  # a search trial: its Optuna trial keeps what the pruner reads
+            self._retry(lambda: claim.trial.report(value, step), "report")
+        elif self._engine is not None:
+            engine = self._engine
+            self._retry(lambda: report_rdb(engine, claim.trial_id, step, value), "report")
+        else:
+            self._retry(lambda: self._report_journal(claim.trial_id, step, value), "report")
+        if isinstance(self._pruner, optuna.pruners.NopPruner):
+            return False  # (a grid's: nothing to ask)
+        trial = claim.trial or optuna.Trial(self._study, claim.trial_id)
+        return bool(self._retry(trial.should_prune, "ask the pruner"))
+
+    def _report_journal(self, trial_id: int, step: int, value: float) -> None:
+        if step not in self.storage.get_trial(trial_id).intermediate_values:
+            self.storage.set_trial_intermediate_value(trial_id, step, value)
+
+    def set_user_attr(self, claim: Claim, key: str, value: Any) -> None:
+        """Set a user attr of a claimed trial, for people reading the study (e.g. the code it runs)."""
+        self._retry(lambda: self.storage.set_trial_user_attr(claim.trial_id, key, value), f"set {key}")
 
     # ------------------------------------------------------------------ leases and retries
     def recover_stale(self, now: float | None = None) -> list[int]:
@@ -464,20 +489,22 @@ class SweepStudy:
         if state == TrialState.FAIL:
             return self._fail(claim.trial_id, reason or "failed")
 
+        def recorded_before() -> bool:
+            # declared lost meanwhile, or this very finish committed before a transient error
+            frozen = self.storage.get_trial(claim.trial_id)
+            return frozen.state == state and lease_of(frozen).get("claimed_at") == claim.lease["claimed_at"]
+
         def tell() -> bool:
             try:
                 if self.spec.mode == "grid" and state == TrialState.COMPLETE:
                     # no sampler to tell: the one write Optuna's tell ends with (it reads first)
+                    if self._engine is not None:
+                        return finish_rdb(self._engine, claim.trial_id, state, value) or recorded_before()
                     return self.storage.set_trial_state_values(claim.trial_id, state, [value])
-                claim.trial.study.tell(
-                    claim.trial, value if state == TrialState.COMPLETE else None, state=state
-                )
+                trial = claim.trial or optuna.Trial(self._study, claim.trial_id)
+                self._study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
             except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
-                # declared lost meanwhile, or this very tell committed before a transient error
-                frozen = self.storage.get_trial(claim.trial_id)
-                return (
-                    frozen.state == state and lease_of(frozen).get("claimed_at") == claim.lease["claimed_at"]
-                )
+                return recorded_before()
             return True
 
         return self._retry(tell, "record the outcome")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from sweepstate import storage as storage_module
@@ -219,6 +220,45 @@ def test_pruning_sees_other_processes_results(tmp_path, storage):
     assert pruned.state == "PRUNED" and pruned.value == pruned.last_value == 10.0
 
 
+def test_report_and_finish_mean_the_same_on_every_storage(tmp_path, storage):
+    """The queue's own writes (SQL on an RDB, the storage API on the journal) keep Optuna's meaning:
+    a step reported twice keeps its first value, infinities survive, a finished or lost trial refuses
+    reports, heartbeats and a late result."""
+    study = SweepStudy.create(spec_of("writes", storage, seeds=(0,)), tmp_path)
+    a, b = study.claim("w"), study.claim("w")
+    assert study.report(a, 1.0, 0) is False  # a grid's pruner never prunes
+    study.report(a, 2.0, 0)
+    study.report(a, float("inf"), 1)
+    study.report(b, -1.5, 3)
+    assert study.finish(a, TrialState.COMPLETE, float("-inf"))  # not finite: recorded as a failure
+    assert study.finish(b, TrialState.COMPLETE, 0.25)
+    assert study.finish(b, TrialState.COMPLETE, 0.25)  # recorded already (a retried write): still True
+    trials = {t.number: t for t in study.trials()}
+    assert trials[a.number].state == "FAIL" and trials[a.number].reason == "objective val/loss is -inf"
+    assert (trials[a.number].last_epoch, trials[a.number].last_value) == (1, float("inf"))
+    frozen = study.storage.get_trial(a.trial_id)
+    assert frozen.intermediate_values == {0: 1.0, 1: float("inf")}
+    assert (trials[b.number].state, trials[b.number].value, trials[b.number].last_value) == (
+        "COMPLETE",
+        0.25,
+        -1.5,
+    )
+    for finished in (a, b):
+        with pytest.raises(UpdateFinishedTrialError):
+            study.report(finished, 5.0, 7)
+        with pytest.raises(UpdateFinishedTrialError):
+            study.heartbeat(finished)
+    assert study.finish(b, TrialState.FAIL, reason="late") is False
+    # a trial declared lost: its worker's late writes are refused, its retry owns the result
+    c = study.claim("slow")
+    assert study.recover_stale(now=time.time() + 3600) == [c.number]
+    with pytest.raises(UpdateFinishedTrialError):
+        study.report(c, 1.0, 0)
+    assert study.finish(c, TrialState.COMPLETE, 1.0) is False
+    retry = next(t for t in study.trials() if t.state == "WAITING" and t.attempt == 2)
+    assert retry.key == trials[c.number].key and retry.params == trials[c.number].params
+
+
 def _create(spec: SweepSpec, root: str, results) -> None:
     try:
         SweepStudy.create(spec, Path(root))
@@ -298,3 +338,81 @@ def test_a_worker_rides_out_a_storage_outage(tmp_path, storage, monkeypatch):
         done.append(claim.number)
     assert sorted(done) == list(range(5)) and failures
     assert Counter(t.state for t in study.trials()) == {"COMPLETE": 5}
+
+
+def _set_connections(url: str, allowed: bool) -> None:
+    """Let clients into the database of `url`, or shut it: refuse new connections and end every open
+    one (what a worker sees when the server goes away for good)."""
+    db = url.rsplit("/", 1)[1]
+    admin = sqlalchemy.create_engine(
+        url.rsplit("/", 1)[0] + "/postgres", poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"ALTER DATABASE {db} WITH ALLOW_CONNECTIONS {str(allowed).lower()}")
+        if not allowed:
+            conn.exec_driver_sql(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+            )
+    admin.dispose()
+
+
+def test_a_worker_whose_storage_stays_down_stops_with_one_line(tmp_path, postgres_db):
+    """A real worker mid-trial loses its PostgreSQL database for good: it retries for the lease
+    timeout, then ends with exit 1 and one line that says why (no traceback); once the database is
+    back, the trial's lease has expired and another worker resumes it from its checkpoint."""
+    from tests.test_sweep_study import TINY, make_spec, metric_rows, start_worker, summary_of
+
+    epochs = 16
+    spec = make_spec(
+        tmp_path,
+        "outage",
+        overrides=(*TINY, f"trainer.epochs={epochs}"),
+        grid={"trainer.lr": [0.001]},
+        storage=postgres_db,
+        lease={"heartbeat_s": 1, "timeout_s": 4, "max_retries": 1},
+    )
+    study = SweepStudy.create(spec, tmp_path / "runs")
+    storage_module.rdb_engine(study.storage).dispose()  # this process keeps no connection open
+    run_dir = study.sweep_dir / "trials" / study.trials()[0].key
+    worker = start_worker(study.sweep_dir, "cut")
+    log = study.sweep_dir / "cut.log"
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
+            time.sleep(0.05)
+        _set_connections(postgres_db, allowed=False)
+        t_cut = time.monotonic()
+        rc = worker.wait(timeout=60)
+        stopped_after = time.monotonic() - t_cut
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        _set_connections(postgres_db, allowed=True)
+    text = log.read_text()
+    assert rc == 1, text
+    assert "Traceback" not in text, text
+    (last,) = [line for line in text.splitlines() if "stopped:" in line]
+    assert "cut: stopped: sweep outage:" in last and "the sweep storage failed" in last, last
+    assert "back in the queue, or will be at its lease end" in last
+    assert "transient storage error" in text  # it retried (logged) before giving up
+    # it gave up after the lease timeout of retries, not at the first error, and not much later
+    assert 4 <= stopped_after < 30, stopped_after
+    assert len(metric_rows(run_dir)) < epochs  # it stopped mid-trial
+
+    # the database is back: the trial is RUNNING with a lease nobody renews; another worker takes it over
+    (lost,) = study.trials()
+    assert lost.state == "RUNNING" and lost.worker == "cut"
+    survivor = start_worker(study.sweep_dir, "after")
+    assert survivor.wait(timeout=120) == 0, (study.sweep_dir / "after.log").read_text()
+    failed, retry = study.trials()
+    assert (
+        failed.state == "FAIL"
+        and failed.reason.startswith("worker lost: no heartbeat")
+        and "cut" in failed.reason
+    )
+    assert retry.state == "COMPLETE" and retry.attempt == 2 and retry.worker == "after"
+    summary = summary_of(run_dir)
+    assert summary["status"] == "completed" and summary["resumed_from_epoch"] >= 1
+    assert [r["epoch"] for r in metric_rows(run_dir)] == list(range(epochs))

@@ -42,7 +42,7 @@ from launchers.config import compose_experiment
 from launchers.snapshot import TRIAL_CODE_ATTR, running_code
 from launchers.sweeps.slurm import current_job_id, trial_job_outcomes
 from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
-from sweepstate.storage import StorageUnavailable, retrying
+from sweepstate.storage import StorageUnavailable
 from sweepstate.study import Claim, SweepStudy
 
 
@@ -164,11 +164,7 @@ def run_trial(study: SweepStudy, claim: Claim, worker: str) -> str:
     metric = study.spec.metric
     log(worker, f"trial {claim.number} (attempt {claim.attempt}) {claim.key}: {' '.join(claim.overrides)}")
     # the code this trial runs, for people reading the study (the dashboard); through storage hiccups
-    retrying(
-        lambda: claim.trial.set_user_attr(TRIAL_CODE_ATTR, running_code()),
-        f"trial {claim.number}: record its code",
-        study.spec.timeout_s,
-    )
+    study.set_user_attr(claim, TRIAL_CODE_ATTR, running_code())
     with Lease(study, claim, worker) as lease:
         try:
             summary = _train(study, claim, lease)
