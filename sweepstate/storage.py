@@ -8,9 +8,13 @@ and the few operations where Optuna's one-trial-at-a-time API is what makes a sw
 - RDB (SQLite, PostgreSQL): one connection per process (pool_size 1, plus one more only while two
   threads need one at once), so a PostgreSQL server needs max_connections above the number of
   workers, with some headroom (or a pooler in front). A claim is one `UPDATE ... WHERE trial_id =
-  (SELECT ... FOR UPDATE SKIP LOCKED)` plus the lease's INSERT in one transaction, instead of
-  reading every WAITING trial; a heartbeat is one UPDATE; enqueueing and counting are one
-  transaction each. These go through Optuna's own table models (optuna.storages._rdb.models).
+  (SELECT ... FOR UPDATE SKIP LOCKED)`, the lease's INSERT and a read of the trial's params and
+  attrs in one transaction, instead of reading every WAITING trial; a heartbeat, a report and a
+  grid trial's finish are one write each (Optuna's ORM paths take four or five round trips each,
+  which at 256 workers on 2 cores doubled the wall time); enqueueing (COPY on PostgreSQL) and
+  counting are one transaction each. These go through Optuna's own table models
+  (optuna.storages._rdb.models), whose meaning they keep (tests/test_sweep_queue.py checks it on
+  every storage).
 - Transient errors (connection refused, dropped or exhausted, deadlocks, serialisation failures,
   failed commits, a busy SQLite, an NFS hiccup) are retried with jittered exponential back-off and
   logged; when they persist for the sweep's lease timeout the operation raises StorageUnavailable.
