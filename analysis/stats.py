@@ -300,7 +300,9 @@ def find_group(keys: Sequence[tuple], by: Sequence[str], label: str) -> tuple:
     if len(found) != 1:
         names = "; ".join(group_label(k, by) for k in keys)
         what = "no group" if not found else f"{len(found)} groups"
-        raise ValueError(f"baseline {label!r}: {what} match (groups: {names})")
+        # e.g. the same cell run by two code versions (`ablate resume --code current`)
+        hint = "; name one with axis=value, e.g. 'code=<hash>'" if len(found) > 1 else ""
+        raise ValueError(f"baseline {label!r}: {what} match{hint} (groups: {names})")
     return found[0]
 
 

@@ -402,6 +402,17 @@ def test_splits_save_load_round_trip_and_select(tmp_path: Path, dataset: list[Vi
         select(subset, splits, "train")
 
 
+def test_splits_written_without_tasks_still_load_for_one_task(tmp_path: Path, dataset: list[Video]) -> None:
+    """The split -> handles form that slots run dirs hold from before the task-keyed format resumes."""
+    one_task = [v for v in dataset if v.task == "t1"]
+    splits = make_splits(one_task)
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({name: splits[name]["t1"] for name in SPLIT_NAMES}))
+    assert load_splits(path, one_task) == splits
+    with pytest.raises(DataError, match="splits without tasks, but the videos have tasks"):
+        load_splits(path, dataset)
+
+
 def _bad_splits(tmp_path: Path, dataset: list[Video], mutate: Callable[[dict], None]) -> str:
     path = tmp_path / "data_splits.json"
     save_splits(make_splits(dataset), path)

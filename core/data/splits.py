@@ -90,6 +90,12 @@ def load_splits(path: str | Path, videos: Sequence[Video]) -> Splits:
     known: dict[str, set[str]] = {}
     for video in videos:
         known.setdefault(video.task, set()).add(video.name)
+    if set(raw) == set(SPLIT_NAMES) and all(isinstance(v, list) for v in raw.values()):
+        # split -> handles without tasks: what single-task families (slots) wrote before this format;
+        # their run dirs still resume
+        if len(known) != 1:
+            raise DataError(f"{path}: splits without tasks, but the videos have tasks {sorted(known)}")
+        raw = {next(iter(known)): raw}
 
     splits: Splits = {name: {} for name in SPLIT_NAMES}
     for task, entry in raw.items():
