@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import yaml
 
 from analysis.records import STATES
 from analysis.stats import ALPHA, MIN_BOOTSTRAP_N, aggregate, improvement_over, paired_tests
+from core.provenance import run_code
 from sweepstate.spec import SweepSpec
 from sweepstate.study import SweepStudy
 
@@ -283,18 +285,31 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 # ------------------------------------------------------------------------------------ search sweeps
 def top_trials(study: SweepStudy, runs: pd.DataFrame, metric: str, k: int = TOP_K) -> pd.DataFrame:
-    """The k best COMPLETE trials by `metric` (the sweep's direction): number, seed, metric, params.
+    """The k best COMPLETE trials by `metric` (the sweep's direction): number, seed, metric, params,
+    and the code each ran when the complete trials ran more than one (`ablate resume --code current`).
 
     Params come from the study (exact types: an int stays an int), not from the NaN-padded frame."""
     spec = study.spec
     done = runs[(runs["state"] == "complete") & runs[metric].notna()]
+    codes = {
+        int(r["number"]): run_code(Path(r["run_dir"])) if isinstance(r.get("run_dir"), str) else None
+        for _, r in done.iterrows()
+    }
+    split_code = len(set(codes.values()) - {None}) > 1
     done = done.sort_values(metric, ascending=spec.direction == "minimize", kind="stable").head(k)
     params = {t.number: t.params for t in study.trials()}
     rows = [
-        {"trial": int(r["number"]), "seed": r["seed"], metric: r[metric], **params[int(r["number"])]}
+        {
+            "trial": int(r["number"]),
+            "seed": r["seed"],
+            metric: r[metric],
+            **params[int(r["number"])],
+            **({"code": codes[int(r["number"])] or "-"} if split_code else {}),
+        }
         for _, r in done.iterrows()
     ]
-    return pd.DataFrame(rows, columns=["trial", "seed", metric, *(p.path for p in spec.params)])
+    columns = ["trial", "seed", metric, *(p.path for p in spec.params), *(["code"] if split_code else [])]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def param_importances(study: SweepStudy) -> tuple[dict[str, float], str] | None:

@@ -497,6 +497,19 @@ def test_search_table_guards_importances_below_two_complete_trials(tmp_path):
     assert "top 1 of 1 complete trials" in out and "need at least 2 complete trials" in out
 
 
+def test_search_table_shows_the_code_of_each_top_trial_when_it_changed(tmp_path):
+    study, _ = build_search_sweep(tmp_path, n_complete=4)
+    out = table_command("srch", tmp_path, None, None, "csv", None, "wilcoxon")
+    assert "code" not in out.splitlines()[0]  # one code (here: none recorded): no column
+    done = [t for t in study.trials() if t.state == "COMPLETE"]
+    for i, t in enumerate(done):  # the last two ran after `ablate resume --code current`
+        (t.run_dir / "provenance.json").write_text(json.dumps({"code_hash": "aaaa" if i < 2 else "bbbb"}))
+    top = pd.read_csv(io.StringIO(table_command("srch", tmp_path, None, None, "csv", None, "wilcoxon")))
+    assert list(top.columns)[-1] == "code" and len(top) == 4
+    expected = {t.number: ("aaaa" if i < 2 else "bbbb") for i, t in enumerate(done)}
+    assert dict(zip(top["trial"], top["code"], strict=True)) == expected
+
+
 # -------------------------------------------------------------------------------------------- plots
 def test_plot_command_writes_sweep_figures(grid):
     root, study = grid
