@@ -35,6 +35,13 @@ def rerun(run_dir: Path, new_dir: Path) -> int:
     record = json.loads((run_dir / PROVENANCE_FILE).read_text())
     for line in package_mismatch(record["packages"]):
         print(f"ablate rerun: package version differs: {line}", file=sys.stderr)
+    if earlier := record.get("earlier_code"):
+        print(
+            f"ablate rerun: warning: the run's first epochs ran other code "
+            f"({', '.join(e['code_hash'] for e in earlier)}) before it resumed with {record['code_hash']}; "
+            "the rerun runs all of it with the latter",
+            file=sys.stderr,
+        )
     snapshot = Path(record["snapshot"]) if record.get("snapshot") else None
     with tempfile.TemporaryDirectory(prefix="ablate-rerun-") as tmp:
         if snapshot is not None and snapshot.is_dir():

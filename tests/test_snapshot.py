@@ -139,8 +139,10 @@ def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
         if run_dir == last:
             assert r["attempt"] == 3 and r["code"] == provenance["code_hash"] == new
             assert 7.0 not in lrs[:2] and lrs[2] == 7.0  # epochs of the snapshot, then of the edit
+            assert [e["code_hash"] for e in provenance["earlier_code"]] == [old]  # it says it mixed
         else:
             assert r["attempt"] == 1 and r["code"] == provenance["code_hash"] == old
+            assert "earlier_code" not in provenance
             assert 7.0 not in lrs  # ran after the edit, with the snapshot's code
         assert provenance["snapshot"] == str((sweep_dir / "code" / provenance["code_hash"]).resolve())
 

@@ -8,6 +8,7 @@ plots/, eval/<checkpoint>.json, and whatever the family's `save` writes (e.g. sp
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from pathlib import Path
@@ -51,11 +52,20 @@ def environment(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_provenance(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """provenance.json and diff.patch of this start of the run (a resume rewrites them: same code
-    when it runs from its sweep's snapshot)."""
+    """provenance.json and diff.patch of this start of the run. A resume rewrites them (the same code
+    when it runs from its sweep's snapshot); one that runs other code (`ablate resume --code current`)
+    keeps the code of the earlier starts in `earlier_code`, so that the run says it mixed code."""
     record, diff = provenance(cfg.experiment_name, overrides)
+    path = run_dir / PROVENANCE_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        earlier = old.get("earlier_code", [])
+        if old["code_hash"] != record["code_hash"]:
+            earlier = [*earlier, {k: old.get(k) for k in ("code_hash", "git_commit", "snapshot")}]
+        if earlier:
+            record["earlier_code"] = earlier
     atomic_write_text(run_dir / DIFF_FILE, diff)
-    atomic_write_json(run_dir / PROVENANCE_FILE, record)
+    atomic_write_json(path, record)
     return record
 
 
