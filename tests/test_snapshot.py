@@ -155,6 +155,10 @@ def test_sweep_runs_its_snapshot_until_resumed_with_current_code(tmp_path):
     key = next(r["key"] for r in done if sweep_dir / "trials" / r["key"] != last)
     again = ablate(checkout, "rerun", f"tiny:{key}", "--root", str(root))
     assert again.returncode == 0, again.stderr
+    assert "ran other code" not in again.stderr
+    mixed = ablate(checkout, "rerun", f"tiny:{last.name}", "--root", str(root))
+    assert mixed.returncode == 0, mixed.stderr
+    assert f"first epochs ran other code ({old}) before it resumed with {new}" in mixed.stderr
     assert metric_rows(Path(again.stdout.splitlines()[-1])) == metric_rows(sweep_dir / "trials" / key)
 
 
