@@ -26,26 +26,34 @@ STARTUP_S = 180  # importing optuna, optuna-dashboard and the sweep layer on a l
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`ablate dashboard demo --port 0` in its own process; yields (base url, study path, study),
-    then stops it by PID."""
+    then stops it by PID. Its stderr goes to a file (a pipe nobody reads could fill and block it);
+    should Ctrl-C not stop it, faulthandler's dump of its threads says where it hung."""
     root = tmp_path_factory.mktemp("dash")
     study = build_grid_sweep(root, "demo")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launchers.cli", "dashboard", "demo", "--root", str(root), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    errors = root / "server.stderr"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launchers.cli", "dashboard", "demo", "--root", str(root), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     try:
         line = proc.stdout.readline()  # blocks until the server listens (or the process dies)
         match = re.search(r"(http://localhost:(\d+))(/dashboard/studies/\d+)", line)
-        assert match, f"no URL in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert match, f"no URL in {line!r}; stderr: {errors.read_text()[-3000:]}"
         tunnel = proc.stdout.readline()
         yield match.group(1), match.group(3), study, line + tunnel
     finally:
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=30) == 0  # a clean stop on Ctrl-C
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(match.group(1) + "/api/meta", timeout=5)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack, then it dies
+            proc.wait()
+            pytest.fail(f"the dashboard did not stop on Ctrl-C within 30 s:\n{errors.read_text()[-8000:]}")
+        assert code == 0, errors.read_text()[-3000:]  # a clean stop on Ctrl-C
 
 
 def get(url: str) -> dict:
