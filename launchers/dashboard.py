@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable
@@ -116,9 +117,15 @@ def tunnel_line(host: str, port: int) -> str:
     return f"ssh -N -L {port}:{target}:{port} {getpass.getuser()}@{socket.gethostname()}"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def serve(study: SweepStudy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the dashboard until interrupted; prints the study's URL and the ssh tunnel line first
-    (port 0: any free port, the one taken is printed)."""
+    """Serve the dashboard until Ctrl-C or SIGTERM (from the main thread); prints the study's URL and
+    the ssh tunnel line first (port 0: any free port, the one taken is printed). Both signals stop
+    it even where the process inherited SIGINT ignored, as anything a non-interactive shell starts
+    with `&` does."""
     app = dashboard_app(study)
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
@@ -135,9 +142,12 @@ def serve(study: SweepStudy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {host}: anyone who can reach this port sees the study", file=sys.stderr)
     sys.stdout.flush()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

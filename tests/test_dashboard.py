@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -23,37 +24,51 @@ from tests.test_analysis import FAILED, build_grid_sweep
 STARTUP_S = 180  # importing optuna, optuna-dashboard and the sweep layer on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`ablate dashboard demo --port 0` in its own process; yields (base url, study path, study),
-    then stops it by PID. Its stderr goes to a file (a pipe nobody reads could fill and block it);
-    should Ctrl-C not stop it, faulthandler's dump of its threads says where it hung."""
-    root = tmp_path_factory.mktemp("dash")
-    study = build_grid_sweep(root, "demo")
-    errors = root / "server.stderr"
+def start_dashboard(root: Path, sweep: str) -> tuple[subprocess.Popen, str, Path]:
+    """`ablate dashboard SWEEP --port 0` in its own process, started as a background job of a
+    non-interactive shell starts it (SIGINT ignored: CI runners do that); (process, the line with its
+    URL, its stderr file). Its stderr goes to a file: a pipe nobody reads could fill and block it."""
+    errors = root / f"{sweep}.stderr"
     with errors.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "launchers.cli", "dashboard", "demo", "--root", str(root), "--port", "0"],
+            [sys.executable, "-m", "launchers.cli", "dashboard", sweep, "--root", str(root), "--port", "0"],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
+    line = proc.stdout.readline()  # blocks until the server listens (or the process dies)
+    assert "http://localhost:" in line, f"no URL in {line!r}; stderr: {errors.read_text()[-3000:]}"
+    return proc, line, errors
+
+
+def stop_dashboard(proc: subprocess.Popen, sig: signal.Signals, errors: Path) -> None:
+    """Stop it with `sig`: it must exit 0 within 30 s (else faulthandler's dump of its threads, which
+    SIGABRT makes it write, says where it hung)."""
+    os.kill(proc.pid, sig)
     try:
-        line = proc.stdout.readline()  # blocks until the server listens (or the process dies)
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait()
+        pytest.fail(f"the dashboard did not stop on {sig.name} within 30 s:\n{errors.read_text()[-8000:]}")
+    assert code == 0, errors.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The demo sweep's dashboard; yields (base url, study path, study, what it printed), then stops
+    it with Ctrl-C (SIGINT), by PID."""
+    root = tmp_path_factory.mktemp("dash")
+    study = build_grid_sweep(root, "demo")
+    proc, line, errors = start_dashboard(root, "demo")
+    try:
         match = re.search(r"(http://localhost:(\d+))(/dashboard/studies/\d+)", line)
-        assert match, f"no URL in {line!r}; stderr: {errors.read_text()[-3000:]}"
         tunnel = proc.stdout.readline()
         yield match.group(1), match.group(3), study, line + tunnel
     finally:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack, then it dies
-            proc.wait()
-            pytest.fail(f"the dashboard did not stop on Ctrl-C within 30 s:\n{errors.read_text()[-8000:]}")
-        assert code == 0, errors.read_text()[-3000:]  # a clean stop on Ctrl-C
+        stop_dashboard(proc, signal.SIGINT, errors)
 
 
 def get(url: str) -> dict:
@@ -140,6 +155,15 @@ def test_without_the_extra_the_cli_says_how_to_install_it(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import fails as if not installed
     assert main(["dashboard", "demo", "--root", str(tmp_path)]) == 2
     assert MISSING in capsys.readouterr().err and "ablate[dashboard]" in MISSING
+
+
+def test_sigterm_stops_the_dashboard_cleanly(tmp_path):
+    """As `kill`, scancel or a container runtime stop it."""
+    build_grid_sweep(tmp_path, "term")
+    proc, line, errors = start_dashboard(tmp_path, "term")
+    base = re.search(r"http://localhost:\d+", line).group(0)
+    assert get(base + "/api/studies")["study_summaries"][0]["study_name"] == "term"
+    stop_dashboard(proc, signal.SIGTERM, errors)
 
 
 def test_a_taken_port_is_a_usage_error(server, capsys):
