@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from core.train.signals import ctrl_c_interrupts, stop_on_signals
 from launchers.config import compose_experiment
 from launchers.prepare_data import add_parser as add_prepare_data
 from launchers.validate import (
@@ -71,7 +72,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     # torch is imported only when a run is asked for
     from core.train.loop import Interrupted, Trainer
     from core.train.run import build_task, run_experiment, trainer_config
-    from core.train.signals import stop_on_signals
     from launchers.tracking import ConsoleReporter, Reporters, WandbReporter
 
     cfg = compose_experiment(args.experiment, args.overrides)
@@ -483,6 +483,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    ctrl_c_interrupts()
     parser = build_parser()
     try:
         args = parse_args(parser, argv)

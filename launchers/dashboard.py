@@ -122,10 +122,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve(study: SweepStudy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the dashboard until Ctrl-C or SIGTERM (from the main thread); prints the study's URL and
-    the ssh tunnel line first (port 0: any free port, the one taken is printed). Both signals stop
-    it even where the process inherited SIGINT ignored, as anything a non-interactive shell starts
-    with `&` does."""
+    """Serve the dashboard until Ctrl-C or SIGTERM (kill, scancel; from the main thread); prints the
+    study's URL and the ssh tunnel line first (port 0: any free port, the one taken is printed)."""
     app = dashboard_app(study)
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
@@ -142,12 +140,11 @@ def serve(study: SweepStudy, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {host}: anyone who can reach this port sees the study", file=sys.stderr)
     sys.stdout.flush()
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)

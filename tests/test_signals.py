@@ -150,3 +150,36 @@ def test_preempted_local_worker_requeues_itself_and_resumes_its_trial_exactly(tm
 def _no_stop_left_over():
     yield
     assert stop_requested() is None
+
+
+def _started_with_sigint_ignored(code: str) -> subprocess.Popen:
+    """A Python process started as a background job of a non-interactive shell starts it: SIGINT
+    ignored. It prints "ready" once `code` ran."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"{code}\nprint('ready', flush=True)\nimport time\ntime.sleep(60)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_ctrl_c_interrupts_a_process_that_inherited_sigint_ignored():
+    deaf = _started_with_sigint_ignored("pass")
+    hearing = _started_with_sigint_ignored(
+        "from core.train.signals import ctrl_c_interrupts\nctrl_c_interrupts()"
+    )
+    try:
+        for proc in (deaf, hearing):
+            proc.send_signal(signal.SIGINT)
+        # an uncaught KeyboardInterrupt ends Python as SIGINT's default action would
+        assert hearing.wait(timeout=30) == -signal.SIGINT and "KeyboardInterrupt" in hearing.stderr.read()
+        time.sleep(0.5)
+        assert deaf.poll() is None  # the premise: without it, Ctrl-C does nothing
+    finally:
+        for proc in (deaf, hearing):
+            proc.kill()
+            proc.wait()

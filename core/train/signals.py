@@ -47,6 +47,15 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     request_stop(signal.Signals(signum).name)
 
 
+def ctrl_c_interrupts() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt in this process even where it inherited SIGINT
+    ignored, as anything a non-interactive shell starts with `&` does (CI runners, `ablate sweep ... &`,
+    submitit's local cancel, which sends SIGINT); without this such a process shrugs Ctrl-C off.
+    Called by the processes that own a run or a server (the CLI, a sweep worker), from the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextmanager
 def stop_on_signals(signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterator[None]:
     """Within the block, `signals` request a stop instead of their previous action (terminate, or

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from core.train.distributed import DistContext, broadcast_message, context_from_env, init_process_group
 from core.train.loop import Interrupted, Pruned
 from core.train.run import run_experiment
-from core.train.signals import stop_on_signals, stop_requested
+from core.train.signals import ctrl_c_interrupts, stop_on_signals, stop_requested
 from launchers.config import compose_experiment
 from launchers.snapshot import TRIAL_CODE_ATTR, running_code
 from launchers.sweeps.slurm import current_job_id, trial_job_outcomes
@@ -337,6 +337,7 @@ def _drain(sweep_dir: Path, worker: str, ctx: DistContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    ctrl_c_interrupts()
     p = argparse.ArgumentParser(description="Run trials of a sweep until none is left.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument(
